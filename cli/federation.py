@@ -1,0 +1,143 @@
+"""A whole federation on one machine: a broker, the coordinator and N agents as processes.
+
+This is what `fsl-edge up` runs. Each process is the real `fsl-edge coordinator` / `fsl-edge
+agent` command, talking through a real broker, so a local run exercises everything a deployed
+one does except the network between sites. Logs go to <workdir>/logs/.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fsl_edge.broker import BrokerProcess, free_port, local_broker
+from fsl_edge.config_file import dump_settings
+from fsl_edge.coordinator.settings import CoordinatorSettings
+from fsl_edge.errors import TemporaryError
+from fsl_edge.status import Status
+
+
+@dataclass
+class Federation:
+    workdir: Path
+    settings: CoordinatorSettings
+    sites: list[str]
+    data_dir: Path
+    broker: BrokerProcess | None = None
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    status_url: str = ""
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.settings.checkpoint_dir
+
+    def _spawn(self, name: str, args: list[str]) -> None:
+        logs = self.workdir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        with open(logs / f"{name}.log", "ab") as log:
+            self.processes[name] = subprocess.Popen(
+                [sys.executable, "-m", "fsl_edge.cli.app", *args], stdout=log,
+                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env={"OMP_NUM_THREADS": str(self.threads), **os.environ, "PYTHONUNBUFFERED": "1"})
+
+    @property
+    def threads(self) -> int:
+        # N+1 processes share this machine's cores: oversubscribed torch threads cost far more
+        # than they give (10-30x slower on 2 cores)
+        return max(1, (os.cpu_count() or 1) // (len(self.sites) + 1))
+
+    def start(self) -> None:
+        self.start_coordinator()
+        for name in self.sites:
+            self.start_agent(name)
+
+    def start_coordinator(self) -> None:
+        """Start (or restart: it resumes from its checkpoint folder) the coordinator."""
+        config = self.workdir / "coordinator.yaml"
+        dump_settings(self.settings, config)
+        self.status_url = f"http://{self.settings.status_host}:{self.settings.status_port}"
+        self._spawn("coordinator", ["coordinator", "--config", str(config)])
+
+    def start_agent(self, name: str) -> None:
+        """Start (or restart: it resumes from its own state) the agent of site `name`."""
+        from fsl_edge.sites import site_files
+        rt = self.settings.runtime
+        self._spawn(f"agent-{name}", [
+            "agent", "--id", name, "--data", str(site_files(self.data_dir)[name][0]),
+            "--broker", rt.broker, "--run-id", rt.run_id,
+            "--workdir", str(self.workdir / "agents" / name)])
+
+    def status(self) -> Status | None:
+        """The coordinator's status, or None while it is not serving yet."""
+        try:
+            with urllib.request.urlopen(self.status_url + "/status", timeout=2) as r:
+                return Status.model_validate(json.loads(r.read()))
+        except (OSError, ValueError):
+            return None
+
+    def final_status(self) -> Status | None:
+        """The status the coordinator left beside its checkpoints when it finished."""
+        path = self.checkpoint_dir / "status.json"
+        return Status.model_validate_json(path.read_text()) if path.is_file() else None
+
+    def check(self) -> None:
+        """Raise if a process died with an error (an agent or the coordinator)."""
+        for name, p in self.processes.items():
+            code = p.poll()
+            if code not in (None, 0):
+                log = (self.workdir / "logs" / f"{name}.log").read_text(errors="replace")
+                tail = "\n".join(log.strip().splitlines()[-5:])
+                raise TemporaryError(f"{name} exited with code {code}; its log "
+                                     f"({self.workdir / 'logs' / (name + '.log')}) ends:\n{tail}")
+
+    def coordinator_done(self) -> bool:
+        return self.processes["coordinator"].poll() is not None
+
+    def wait(self, timeout: float) -> None:
+        """Give every process `timeout` seconds to exit by itself (agents exit after ROUND_END)."""
+        deadline = time.monotonic() + timeout
+        for p in self.processes.values():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(max(0.1, deadline - time.monotonic()))
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Ask every process to stop (SIGINT, like Ctrl-C), then kill what lingers."""
+        for p in self.processes.values():
+            if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    p.send_signal(signal.SIGINT)
+        deadline = time.monotonic() + timeout
+        for p in self.processes.values():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(max(0.1, deadline - time.monotonic()))
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        if self.broker:
+            self.broker.stop()
+
+
+def prepare(workdir: Path, settings: CoordinatorSettings, sites: list[str], data_dir: Path,
+            broker_url: str | None, embedded: bool) -> Federation:
+    """Clear the previous run's state, start a broker unless one is given, fill in addresses."""
+    for stale in (workdir / "checkpoints", workdir / "agents", workdir / "logs"):
+        shutil.rmtree(stale, ignore_errors=True)
+    workdir.mkdir(parents=True, exist_ok=True)
+    broker = None
+    if broker_url is None:
+        broker = local_broker(workdir / "broker", prefer_mosquitto=not embedded).start()
+        broker_url = broker.url
+    settings = settings.model_copy(update={
+        "runtime": settings.runtime.model_copy(update={"broker": broker_url}),
+        "checkpoint_dir": workdir / "checkpoints", "min_agents": len(sites),
+        "status_port": settings.status_port or free_port()})
+    return Federation(workdir, settings, sites, data_dir, broker)

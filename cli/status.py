@@ -1,0 +1,211 @@
+"""`fsl-edge status`: show a running coordinator's status API as tables, once or live."""
+
+from __future__ import annotations
+
+import http.client
+import socket
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Annotated
+
+import pydantic
+import typer
+from rich import box
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from fsl_edge.errors import ConfigError, ProtocolError, TemporaryError, TransportError
+from fsl_edge.status import AgentStatus, Status, Traffic, direction
+
+TIMEOUT_S = 5.0
+HISTORY_ROWS = 5
+MIB = 2**20
+STATE_STYLES = {"training": "green", "online": "cyan", "offline": "red", "dropped": "red",
+                "finished": "bold green", "failed": "bold red", "waiting": "yellow"}
+
+
+def fetch(url: str) -> tuple[Status, str]:
+    """GET `<url>/status`; return the validated status and the body as received."""
+    endpoint = _endpoint(url)
+    try:
+        with urllib.request.urlopen(endpoint, timeout=TIMEOUT_S) as resp:
+            body = resp.read().decode("utf-8", errors="replace")
+    except urllib.error.HTTPError as e:
+        raise _http_error(url, e) from e
+    except (urllib.error.URLError, OSError) as e:
+        raise TransportError(f"cannot reach the coordinator's status API at {url}: {_reason(e)}; "
+                             "is it running? (--url)") from e
+    except http.client.InvalidURL as e:  # what urlsplit lets through, such as a space
+        raise ConfigError(f"--url {url!r} is not a valid URL: {e}") from e
+    except http.client.HTTPException as e:  # something answered, but not in HTTP
+        raise ProtocolError(f"{url} does not speak HTTP ({type(e).__name__}); is --url the status "
+                            "API rather than the broker?") from e
+    try:
+        return Status.model_validate_json(body), body
+    except pydantic.ValidationError as e:
+        raise ProtocolError(f"{endpoint} did not answer with a status document "
+                            f"({e.error_count()} errors, first: {e.errors()[0]['msg']})") from e
+
+
+def _endpoint(url: str) -> str:
+    """`<url>/status`, after checking that `url` is an http(s) URL with a valid port."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 (raises ValueError when out of range)
+    except ValueError as e:
+        raise ConfigError(f"--url {url!r} is not a valid URL: {e}") from e
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"--url {url!r} is not an HTTP URL such as http://127.0.0.1:8780")
+    base = url.rstrip("/")
+    return base if base.endswith("/status") else base + "/status"
+
+
+def _http_error(url: str, e: urllib.error.HTTPError) -> Exception:
+    if e.code >= 500:
+        # The coordinator is there but could not build its status: it may next time.
+        detail = e.read().decode("utf-8", errors="replace").strip()[:200] or e.reason
+        return TransportError(f"the status API at {url} answered HTTP {e.code}: {detail}")
+    return ProtocolError(f"{url} answered HTTP {e.code} {e.reason} for /status; is --url the "
+                         "coordinator's status API?")
+
+
+def _reason(e: Exception) -> str:
+    reason = e.reason if isinstance(e, urllib.error.URLError) else e
+    if isinstance(reason, (socket.timeout, TimeoutError)):
+        return f"no answer within {TIMEOUT_S:.0f} s"
+    if isinstance(reason, OSError) and reason.strerror:
+        return reason.strerror.lower()  # "connection refused", not "[Errno 111] Connection refused"
+    return str(reason)
+
+
+def _ago(t: float | None, now: float) -> str:
+    if t is None:
+        return "never"
+    s = int(max(0.0, now - t))  # clamp: the coordinator's clock may run slightly ahead of ours
+    if s < 60:
+        return f"{s}s ago"
+    return f"{s // 60}m ago" if s < 3600 else f"{s / 3600:.1f}h ago"
+
+
+def _num(x: float | None, fmt: str = ".4f") -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def _state(state: str) -> Text:
+    return Text(state, style=STATE_STYLES.get(state, ""))
+
+
+def _mib(agent: AgentStatus, way: str) -> str:
+    return f"{sum(t.bytes for k, t in agent.traffic.items() if direction(k) == way) / MIB:.2f}"
+
+
+def _ratio(t: Traffic) -> str:
+    return f"{t.raw_bytes / t.bytes:.2f}x" if t.bytes else "-"
+
+
+def _table(title: str, *columns: str, text: int = 1) -> Table:
+    """A compact table; the first `text` columns are names, the rest right-aligned numbers."""
+    # Collapsed padding and no box edges: nine columns must fit an 80-column terminal.
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
+                  collapse_padding=True)
+    for i, name in enumerate(columns):
+        table.add_column(name, no_wrap=True, justify="left" if i < text else "right")
+    return table
+
+
+def header(s: Status) -> Text:
+    ratio = f"{s.compression_ratio:.2f}x" if s.compression_ratio else "-"
+    text = Text.assemble((s.run, "bold"), "  ", _state(s.state))
+    text.append(f"  round {s.round}/{s.rounds}  step {s.step}/{s.steps}  model {s.model or '-'}"
+                f"  mode {s.mode or '-'}  compression {ratio}")
+    return text
+
+
+def agents_table(s: Status, now: float) -> Table:
+    # Two-line headers keep the nine columns inside 80 characters.
+    table = _table("agents", "agent", "state", "last\nseen", "round/\nstep", "loss", "tokens",
+                   "tok/s", "MiB\nup", "MiB\ndown", text=2)
+    for name, a in sorted(s.agents.items()):
+        table.add_row(Text(name), _state(a.state), _ago(a.last_seen, now), f"{a.round}/{a.step}",
+                      _num(a.loss), str(a.tokens), _num(a.tokens_per_s, ".0f"),
+                      _mib(a, "up"), _mib(a, "down"))
+    return table
+
+
+def traffic_table(s: Status) -> Table:
+    table = _table("traffic", "kind", "messages", "MiB sent", "MiB raw", "ratio")
+    for kind, t in sorted(s.traffic.items()):
+        table.add_row(kind, str(t.messages), f"{t.bytes / MIB:.2f}", f"{t.raw_bytes / MIB:.2f}",
+                      _ratio(t))
+    return table
+
+
+def history_table(s: Status) -> Table:
+    table = _table(f"last {HISTORY_ROWS} rounds", "round", "participants", "train loss",
+                   "held-out loss", "s", text=2)
+    for r in s.history[-HISTORY_ROWS:]:
+        table.add_row(str(r.round), ", ".join(r.participants), _num(r.train_loss),
+                      _num(r.heldout_loss), f"{r.seconds:.1f}")
+    return table
+
+
+def render(s: Status, now: float | None = None) -> Group:
+    """Everything `fsl-edge status` shows for one snapshot."""
+    parts: list[RenderableType] = [header(s), agents_table(s, now or time.time())]
+    if s.traffic:
+        parts.append(traffic_table(s))
+    if s.history:
+        parts.append(history_table(s))
+    rejected = {k: n for k, n in s.rejected.items() if n}
+    if rejected:
+        parts.append(Text("rejected: " + ", ".join(f"{k} {n}" for k, n in sorted(rejected.items())),
+                          style="yellow"))
+    return Group(*parts)
+
+
+def _print_json(url: str, watch: bool, interval: float) -> None:
+    while True:
+        # One document per line, so `--json --watch` is a stream that tools can read.
+        print(fetch(url)[1].strip(), flush=True)
+        if not watch:
+            return
+        time.sleep(interval)
+
+
+def _watch(url: str, interval: float, console: Console) -> None:
+    last: RenderableType = Text(f"connecting to {url} ...")
+    with Live(last, console=console, auto_refresh=False) as live:
+        while True:
+            try:
+                last = render(fetch(url)[0])
+                live.update(last, refresh=True)
+            except TemporaryError as e:
+                # Keep watching through a coordinator restart: show why, keep the last tables.
+                live.update(Group(last, Text(f"{e} (retrying every {interval:g} s)", style="red")),
+                            refresh=True)
+            time.sleep(interval)
+
+
+def status(
+    url: Annotated[str, typer.Option(envvar="FSL_STATUS_URL",
+                                     help="Base URL of the coordinator's status API.")] = "http://127.0.0.1:8780",
+    watch: Annotated[bool, typer.Option("--watch", help="Refresh until Ctrl-C.")] = False,
+    interval: Annotated[float, typer.Option(min=0.1, help="Seconds between refreshes with --watch.")] = 2.0,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the status document as JSON.")] = False,
+) -> None:
+    """Show a running coordinator's run, agents, traffic and rounds."""
+    try:
+        if json_out:
+            _print_json(url, watch, interval)
+        elif watch:
+            _watch(url, interval, Console())
+        else:
+            Console().print(render(fetch(url)[0]))
+    except KeyboardInterrupt:
+        if not watch:
+            raise
+        # Ctrl-C is how --watch is meant to end, not a failure.

@@ -1,0 +1,308 @@
+"""The coordinator's round state machine, agent registry and message handling.
+
+announce round -> send the global site adapter -> agents run their steps against the split
+server -> agents upload adapters -> FedAvg -> checkpoint -> next round. One thread runs it all:
+messages arrive through the link's queue and `tick` enforces liveness and deadlines between
+them, so no state is shared with paho's thread. The status API reads a published copy.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections import Counter
+import time
+import uuid
+from dataclasses import dataclass
+
+import torch
+
+from fsl_edge import protocol
+from fsl_edge.aggregation import fedavg, server_step
+from fsl_edge.errors import CodecError, ProtocolError
+from fsl_edge.protocol import Envelope, MessageKind
+from fsl_edge.split import check_parity, discover
+from fsl_edge.status import AgentStatus, RoundRecord, Status, Traffic
+from fsl_edge.step import ServerPart, SitePart
+from fsl_edge.transport import MqttLink, Received
+from fsl_edge.wire import (Address, adapter_envelope, adapter_state, meta_number, raw_bytes,
+                           step_message)
+
+from . import checkpoint
+from .settings import CoordinatorSettings
+from .split_server import SplitServer
+
+log = logging.getLogger("fsl_edge.coordinator")
+ME = "coordinator"
+
+
+@dataclass
+class Upload:
+    state: dict[str, torch.Tensor]
+    tokens: int
+    loss: float
+
+
+class Coordinator:
+    def __init__(self, settings: CoordinatorSettings, model: torch.nn.Module, link: MqttLink):
+        self.settings, self.link = settings, link
+        self.run_id = settings.runtime.run_id
+        train = settings.training.train
+        # The same RNG order as simulation.simulate: trunk LoRA first, then the site LoRA that
+        # every agent starts from, so a distributed run can reproduce a simulated one exactly.
+        torch.manual_seed(train.seed)
+        self.cut = settings.training.split.cut(discover(model).n_blocks)
+        check_parity(discover(model), (self.cut.a, self.cut.b) if self.cut.b < self.cut.n
+                     else (self.cut.a,))
+        lora = settings.training.lora
+        self.trunk = ServerPart(copy.deepcopy(model), self.cut, lora, train.lr)
+        self.site_adapter = SitePart(copy.deepcopy(model), self.cut, lora, train.lr).adapter()
+        self.split = SplitServer(self.trunk, self.run_id)
+        self.incarnation = uuid.uuid4().hex[:8]
+        self.status = Status(run=self.run_id, rounds=train.rounds, steps=train.steps,
+                             model=settings.model, mode=self.cut.mode.value, started_at=time.time())
+        self.welcomed: set[str] = set()
+        self.rejected: Counter[str] = Counter()  # by reason; the link counts what it drops
+        self.heard: dict[str, float] = {}  # agent -> monotonic time its last message arrived
+        self.round, self.active, self.attempts, self.attempt = 0, False, 0, ""
+        self.members: set[str] = set()  # agents still in the active round
+        self.uploads: dict[str, Upload] = {}
+        self.round_started = 0.0
+        self.start_msg: Envelope | None = None
+        self.published = self.status.model_copy(deep=True)
+        ckpt = checkpoint.load(settings.checkpoint_dir, self.trunk, settings.fingerprint())
+        if ckpt is not None:
+            self.round, self.site_adapter = ckpt.round, ckpt.site_adapter
+            self.status.history = [RoundRecord(**h) for h in ckpt.state["history"]]
+            # the registry: who contributed what so far; every agent is offline until it says hello
+            self.status.agents = {a: AgentStatus(**r) for a, r in ckpt.state["registry"].items()}
+            self.status.checkpoint = str(settings.checkpoint_dir)
+            log.info("resumed from %s after round %d", settings.checkpoint_dir, ckpt.round)
+        self.status.round = self.round
+        if self.round >= train.rounds:
+            self.status.state = "finished"
+
+    # --- the loop ---
+    @property
+    def finished(self) -> bool:
+        return self.status.state == "finished"
+
+    def run(self, stop=lambda: False) -> Status:
+        """Serve until the last round is aggregated (or `stop()` says so)."""
+        self.link.publish(protocol.topic_broadcast(self.run_id),
+                          Envelope(MessageKind.HELLO, self.run_id, ME,
+                                   meta={"incarnation": self.incarnation}))
+        if not self.finished:
+            self.status.state = "waiting"
+        while not self.finished and not stop():
+            received = self.link.get(timeout=0.1)
+            if received is not None:
+                try:
+                    self.handle(received)
+                except Exception:  # noqa: BLE001 - one bad message must not end the run
+                    log.exception("internal error on a message from %s", received.topic.agent)
+                    self.rejected["internal"] += 1
+            self.tick()
+        self.link.publish(protocol.topic_broadcast(self.run_id),
+                          Envelope(MessageKind.ROUND_END, self.run_id, ME, self.round,
+                                   meta={"finished": self.finished}))
+        self.publish_status()
+        return self.status
+
+    def tick(self) -> None:
+        now, rt = time.monotonic(), self.settings.runtime
+        for agent in list(self.status.agents):
+            if now - self.heard.get(agent, -1e9) > rt.offline_after_s:
+                self.gone(agent, "not heard from")
+        if self.active:
+            waiting_on = self.split.waiting_on()
+            if waiting_on and now - self.split.turn_since > rt.offline_after_s:
+                self.gone(waiting_on, "its turn at the split server stalled")
+            if now - self.round_started > rt.round_timeout_s:
+                for agent in sorted(self.members - set(self.uploads)):
+                    self.gone(agent, "round deadline")
+        if self.active:
+            self.maybe_close()
+        elif not self.finished:
+            self.maybe_start()
+        if time.time() - self.status.updated_at > 0.2:
+            self.publish_status()
+
+    def publish_status(self) -> None:
+        self.status.updated_at = time.time()
+        self.status.rejected = dict(sorted((self.link.rejected_counts() + self.rejected).items()))
+        self.published = self.status.model_copy(deep=True)  # read by the HTTP thread
+
+    # --- messages ---
+    def handle(self, received: Received) -> None:
+        env, agent = received.envelope, received.topic.agent
+        if agent == ME or received.topic.channel not in ("up", "status"):
+            return
+        if env.run_id != self.run_id:
+            return self.reject("wrong_run", agent, f"run {env.run_id!r}")
+        if received.topic.channel == "status":
+            st = self.status.agents.get(agent)
+            if st is not None and env.meta.get("state") == protocol.STATUS_OFFLINE.decode():
+                # The broker lost the agent. Shown at once, but it keeps its place in the round
+                # for offline_after_s: a network blip or a broker restart must not cost a round.
+                st.state = "offline"
+            elif st is not None and st.state == "offline":
+                st.state, st.last_seen = "online", time.time()  # back within its grace
+            return
+        if env.kind is not MessageKind.HELLO and agent not in self.welcomed:
+            return self.reject("unknown_agent", agent, env.kind.name)
+        if env.kind is MessageKind.HELLO and agent not in self.welcomed and \
+                len(self.welcomed) >= self.settings.max_agents:
+            return self.reject("too_many_agents", agent, "HELLO")
+        st = self.status.agents.setdefault(agent, AgentStatus())
+        st.last_seen, self.heard[agent] = time.time(), received.received_at
+        if st.state == "offline" and env.kind is not MessageKind.HELLO:
+            st.state = "online"
+        st.traffic.setdefault(env.kind.name.lower(), Traffic()).add(received.size, raw_bytes(env))
+        self.status.traffic.setdefault(env.kind.name.lower(), Traffic()).add(received.size, raw_bytes(env))
+        try:
+            if env.kind is MessageKind.HELLO:
+                self.on_hello(agent, env)
+            elif env.kind in (MessageKind.ACTIVATION_UP, MessageKind.GRADIENT_UP):
+                self.on_step(agent, env)
+            elif env.kind is MessageKind.ADAPTER_UP:
+                self.on_upload(agent, env)
+        except (ProtocolError, CodecError) as e:
+            reason = "non_finite" if "non-finite" in str(e) else \
+                "bad_shape" if ("shape" in str(e) or "dtype" in str(e)) else "malformed"
+            self.reject(reason, agent, str(e))
+
+    def reject(self, reason: str, agent: str | None, detail: str) -> None:
+        self.rejected[reason] += 1
+        log.warning("dropped a message from %s (%s): %s", agent, reason, detail)
+
+    def send(self, agent: str, env: Envelope) -> None:
+        size = self.link.publish(protocol.topic_down(self.run_id, agent), env)
+        kind = env.kind.name.lower()
+        self.status.traffic.setdefault(kind, Traffic()).add(size, raw_bytes(env))
+        if agent in self.status.agents:
+            self.status.agents[agent].traffic.setdefault(kind, Traffic()).add(size, raw_bytes(env))
+
+    def on_hello(self, agent: str, env: Envelope) -> None:
+        if self.active and agent in self.members and agent not in self.uploads \
+                and self.split.steps_done.get(agent, 0) > 0:
+            # it restarted mid-round and cannot continue where it was: the round goes on
+            # without it, and it joins the next one
+            self.gone(agent, "restarted mid-round")
+        self.welcomed.add(agent)
+        st = self.status.agents[agent]
+        if st.state in ("offline", "dropped"):
+            st.state = "online"
+        self.send(agent, Envelope(MessageKind.HELLO, self.run_id, agent, self.round, meta={
+            "model": self.settings.model, "incarnation": self.incarnation,
+            "training": self.settings.training.model_dump(mode="json")}))
+        self.instruct(agent)
+
+    def instruct(self, agent: str) -> None:
+        """Send an agent what it should be doing now (again: it asked, so it lost it)."""
+        if self.finished:
+            self.send(agent, Envelope(MessageKind.ROUND_END, self.run_id, agent, self.round,
+                                      meta={"finished": True}))
+        elif self.active and agent in self.members and agent not in self.uploads:
+            self.send(agent, self.start_msg)
+
+    def on_step(self, agent: str, env: Envelope) -> None:
+        # the content is checked first, whatever the round: a bad tensor is refused as such
+        message = step_message(env, protocol.Limits().max_tensor_bytes)
+        if env.kind is MessageKind.ACTIVATION_UP:
+            message.validate(self.trunk.parts.hidden_size)
+        if not self.active or env.round != self.round or agent not in self.members \
+                or env.meta.get("attempt") != self.attempt:
+            self.reject("late", agent, f"{env.kind.name} for round {env.round} step {env.step}")
+            return self.instruct(agent)
+        st = self.status.agents[agent]
+        st.state, st.round, st.step = "training", env.round, env.step
+        self.status.step = max(self.status.step, env.step)
+        for to, reply in self.split.on_request(agent, env, message):
+            self.send(to, reply)
+
+    def on_upload(self, agent: str, env: Envelope) -> None:
+        if not self.active or env.round != self.round or agent not in self.members \
+                or agent in self.uploads or env.meta.get("attempt") != self.attempt:
+            return self.instruct(agent)  # a resend, or from an agent the round left behind
+        state = adapter_state(env, self.site_adapter, protocol.Limits().max_tensor_bytes)
+        tokens = meta_number(env.meta, "tokens", int, minimum=1)
+        loss = meta_number(env.meta, "loss", float)
+        self.uploads[agent] = Upload(state, tokens, loss)
+        st = self.status.agents[agent]
+        st.state, st.loss, st.tokens = "online", loss, st.tokens + tokens
+        st.tokens_per_s = tokens / max(time.monotonic() - self.round_started, 1e-6)
+
+    def gone(self, agent: str, why: str) -> None:
+        """Take an agent that has been silent too long out of the running round."""
+        st = self.status.agents[agent]
+        if st.state != "offline":
+            log.warning("agent %s is offline (%s)", agent, why)
+        st.state = "offline"
+        if self.active and agent in self.members and agent not in self.uploads:
+            log.warning("round %d goes on without %s", self.round, agent)
+            self.members.discard(agent)
+            for to, reply in self.split.drop(agent):
+                self.send(to, reply)
+
+    # --- rounds ---
+    def online(self) -> list[str]:
+        return sorted(a for a in self.welcomed if self.status.agents[a].state != "offline")
+
+    def maybe_start(self) -> None:
+        # the first round of this process (a fresh run, or one resumed after a crash) waits for
+        # min_agents, so a restart does not leave behind the agents still reconnecting
+        need = self.settings.min_agents if self.attempts == 0 else self.settings.quorum
+        agents = self.online()
+        if len(agents) < need:
+            return
+        self.round += 1
+        self.attempts += 1
+        self.attempt = f"{self.incarnation}-{self.attempts}"
+        self.active, self.members, self.uploads = True, set(agents), {}
+        self.round_started = time.monotonic()
+        # to undo the trunk's steps if the round is abandoned: agents replay it from its start
+        self.trunk_snapshot = (self.trunk.adapter(), copy.deepcopy(self.trunk.optimizer.state_dict()))
+        train = self.settings.training.train
+        self.split.begin_round(self.round, agents, train.steps)
+        self.start_msg = adapter_envelope(
+            MessageKind.ROUND_START, self.site_adapter, Address(self.run_id, "", self.round),
+            {"steps": train.steps, "attempt": self.attempt, "participants": agents})
+        self.status.state, self.status.round, self.status.step = "training", self.round, 0
+        log.info("round %d starts with %s", self.round, ", ".join(agents))
+        for agent in agents:
+            self.send(agent, self.start_msg)
+
+    def maybe_close(self) -> None:
+        if not self.members:
+            log.warning("round %d lost every agent; it starts again", self.round)
+            adapter, optimizer = self.trunk_snapshot
+            self.trunk.load_adapter(adapter)
+            self.trunk.optimizer.load_state_dict(optimizer)
+            self.active, self.round = False, self.round - 1
+            self.status.round = self.round
+            return
+        if not self.split.finished or not self.members <= set(self.uploads):
+            return
+        names = sorted(self.uploads)
+        self.site_adapter = server_step(
+            self.site_adapter, fedavg([self.uploads[a].state for a in names],
+                                      [self.uploads[a].tokens for a in names]),
+            self.settings.training.train.server_lr)
+        tokens = sum(u.tokens for u in self.uploads.values())
+        self.status.history.append(RoundRecord(
+            round=self.round, participants=names, tokens=tokens,
+            train_loss=sum(self.uploads[a].loss * self.uploads[a].tokens for a in names) / tokens,
+            seconds=time.monotonic() - self.round_started))
+        for a in names:
+            self.status.agents[a].rounds_contributed += 1
+        checkpoint.save(self.settings.checkpoint_dir, self.round, self.site_adapter, self.trunk,
+                        {"fingerprint": self.settings.fingerprint(),
+                         "history": [h.model_dump() for h in self.status.history],
+                         "registry": {a: {"tokens": st.tokens, "rounds_contributed": st.rounds_contributed,
+                                          "loss": st.loss} for a, st in self.status.agents.items()}})
+        self.status.checkpoint = str(self.settings.checkpoint_dir)
+        self.active = False
+        log.info("round %d closed: %s, %d tokens", self.round, ", ".join(names), tokens)
+        if self.round >= self.settings.training.train.rounds:
+            self.status.state = "finished"

@@ -1,0 +1,169 @@
+"""The edge agent: announce itself, then train each round it is told to, against the split server.
+
+Every request (HELLO, a step's activation or gradient, the adapter upload) is sent again if its
+answer does not come within `resend_s`: the coordinator answers a repeated request with the
+answer it already gave, so a lost message, a broker restart or a reconnect costs time, never a
+double update. A ROUND_START of a new attempt (the coordinator restarted) interrupts whatever
+the agent waits for; if it repeats a round, the agent first rewinds to that round's start.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from fsl_edge import protocol
+from fsl_edge.config import SplitMode
+from fsl_edge.data import BatchStream
+from fsl_edge.protocol import Envelope, Flag, MessageKind
+from fsl_edge.step import SitePart
+from fsl_edge.transport import MqttLink
+from fsl_edge.wire import Address, adapter_envelope, adapter_state, step_envelope, step_message
+
+from . import state
+from .settings import AgentSettings
+
+log = logging.getLogger("fsl_edge.edge_agent")
+
+
+class Interrupted(Exception):
+    """The coordinator sent a new instruction while the agent waited for something else."""
+
+    def __init__(self, envelope: Envelope):
+        super().__init__(envelope.kind.name)
+        self.envelope = envelope
+
+
+class Agent:
+    def __init__(self, settings: AgentSettings, link: MqttLink, build):
+        """`build(welcome_meta) -> (SitePart, BatchStream)` loads the model and data once welcomed."""
+        self.settings, self.link, self.build = settings, link, build
+        self.me, self.run_id = settings.agent_id, settings.runtime.run_id
+        self.part: SitePart | None = None
+        self.stream: BatchStream | None = None
+        self.attempt: str | None = None  # the ROUND_START attempt being worked on
+        self.snapshot: state.RoundSnapshot | None = None
+        self.rounds_done = 0
+        self.limits = protocol.Limits()
+        self._stop = threading.Event()
+
+    # --- messaging ---
+    def send(self, env: Envelope) -> None:
+        self.link.publish(protocol.topic_up(self.run_id, self.me), env)
+
+    def request(self, env: Envelope, answers: set[MessageKind], round_: int | None = None,
+                step: int | None = None, send: bool = True, interruptible: bool = True) -> Envelope:
+        """Send `env` (unless already sent) and wait for an answer of one of `answers` kinds
+        (for this round and step), sending it again every `resend_s`."""
+        if send:
+            self.send(env)
+        deadline = time.monotonic() + self.settings.runtime.resend_s
+        while not self._stop.is_set():
+            received = self.link.get(timeout=0.2)
+            # paho itself retransmits what it could not deliver: resend only over a live link
+            if time.monotonic() > deadline and self.link.connected.is_set():
+                log.info("%s: %s unanswered; sending it again", self.me, env.kind.name)
+                env.flags |= Flag.RESEND
+                self.send(env)
+                deadline = time.monotonic() + self.settings.runtime.resend_s
+            if received is None:
+                continue
+            got = received.envelope
+            if got.run_id != self.run_id:
+                continue
+            if got.kind is MessageKind.ROUND_START and got.meta.get("attempt") == self.attempt:
+                continue  # a repeat of the round being (or just) trained
+            if got.kind is MessageKind.HELLO and received.topic.channel == "broadcast":
+                self.send(self.hello())  # a (re)started coordinator: introduce ourselves again
+            elif got.kind in answers and (round_ is None or got.round == round_) \
+                    and (step is None or got.step == step):
+                return got
+            elif interruptible and (got.kind is MessageKind.ROUND_END or (
+                    got.kind is MessageKind.ROUND_START and got.meta.get("attempt") != self.attempt)):
+                raise Interrupted(got)
+        raise KeyboardInterrupt
+
+    def ask(self, env: Envelope, answer: MessageKind, round_: int, step: int):
+        """One hop of a step: send it (tagged with the round's attempt), return the reply."""
+        env.meta["attempt"] = self.attempt  # a reply to an older attempt is never taken for this
+        reply = self.request(env, {answer}, round_, step)
+        return step_message(reply, self.limits.max_tensor_bytes)
+
+    def hello(self) -> Envelope:
+        return Envelope(MessageKind.HELLO, self.run_id, self.me,
+                        meta={"rounds_done": self.rounds_done})
+
+    def heartbeats(self) -> None:
+        while not self._stop.wait(self.settings.runtime.heartbeat_s):
+            self.send(Envelope(MessageKind.HEARTBEAT, self.run_id, self.me))
+
+    # --- lifecycle ---
+    def run(self) -> int:
+        """Work until the coordinator says the run is finished; returns the rounds trained."""
+        beat = threading.Thread(target=self.heartbeats, daemon=True, name="heartbeat")
+        beat.start()
+        try:
+            welcome = self.request(self.hello(), {MessageKind.HELLO}, interruptible=False)
+            self.part, self.stream = self.build(welcome.meta)
+            self.rounds_done = state.load(self.settings.workdir, self.part, self.stream)
+            idle, unsent, instruction = self.hello(), False, None
+            while True:
+                if instruction is None:
+                    instruction = self.request(idle, {MessageKind.ROUND_START, MessageKind.ROUND_END},
+                                               send=unsent)
+                if instruction.kind is MessageKind.ROUND_END:
+                    if instruction.meta.get("finished"):
+                        log.info("%s: the run is finished", self.me)
+                        return self.rounds_done
+                    instruction = None  # the coordinator stopped early: wait for it to return
+                    continue
+                try:
+                    idle, unsent, instruction = self.train_round(instruction), False, None
+                except Interrupted as i:
+                    instruction = i.envelope
+        finally:
+            self._stop.set()
+            beat.join(timeout=5)  # not mid-publish while the process winds down
+
+    def train_round(self, start: Envelope) -> Envelope:
+        """Run one round's steps and send the adapter upload; returns it (re-sent while idle)."""
+        part, stream, r = self.part, self.stream, start.round
+        self.attempt = start.meta.get("attempt")
+        if self.snapshot and self.snapshot.round == r:
+            self.snapshot.restore(part, stream)  # the round is repeated: rewind to its start
+        else:
+            self.snapshot = state.RoundSnapshot.take(r, part, stream)
+        # an interrupted step may have left gradients behind (back blocks done, front not)
+        part.optimizer.zero_grad(set_to_none=True)
+        part.load_adapter(adapter_state(start, part.adapter(), self.limits.max_tensor_bytes))
+        steps, tokens, loss_sum = int(start.meta["steps"]), 0, 0.0
+        started = time.monotonic()
+        for s in range(steps):
+            batch = next(stream)
+            at = Address(self.run_id, self.me, r, s)
+            up = part.forward_front(batch)
+            if part.cut.mode is SplitMode.VANILLA:
+                down = self.ask(step_envelope(up, at), MessageKind.GRADIENT_DOWN, r, s)
+                loss = down.loss
+            else:
+                trunk = self.ask(step_envelope(up, at), MessageKind.ACTIVATION_DOWN, r, s)
+                grad_up, loss = part.forward_back(trunk)
+                down = self.ask(step_envelope(grad_up, at), MessageKind.GRADIENT_DOWN, r, s)
+            part.backward_front(down)
+            part.step()
+            tokens += batch.tokens
+            loss_sum += loss
+        self.rounds_done = r
+        upload = adapter_envelope(MessageKind.ADAPTER_UP, part.adapter(),
+                                  Address(self.run_id, self.me, r),
+                                  {"tokens": tokens, "loss": loss_sum / steps, "attempt": self.attempt,
+                                   "seconds": time.monotonic() - started})
+        self.send(upload)
+        # Saved after the upload is on its way, so the disk writes (fsync) overlap the
+        # coordinator's aggregation instead of lengthening every round. A crash in between
+        # costs only a repeat of this round's batches after a restart.
+        state.save(self.settings.workdir, r, part, stream)
+        log.info("%s: round %d done, loss %.4f", self.me, r, loss_sum / steps)
+        return upload
+

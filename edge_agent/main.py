@@ -1,0 +1,59 @@
+"""`fsl-edge agent`: connect, get the run's settings from the coordinator, train when told."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from fsl_edge import protocol
+from fsl_edge.data import BatchStream, load_samples, pad_id_of, tokenize
+from fsl_edge.models import load
+from fsl_edge.config import LearningSettings
+from fsl_edge.simulation import site_seed
+from fsl_edge.split import discover
+from fsl_edge.step import SitePart
+from fsl_edge.transport import MqttLink
+
+from .agent import Agent
+from .settings import AgentSettings
+
+log = logging.getLogger("fsl_edge.edge_agent")
+
+
+def builder(settings: AgentSettings):
+    """Load the model and the site's data once the coordinator has said how to train."""
+
+    def build(welcome: dict) -> tuple[SitePart, BatchStream]:
+        training = LearningSettings.model_validate(welcome["training"])
+        train = training.train
+        loaded = load(settings.model or welcome["model"], device=settings.device,
+                      quantize=training.lora.quantize)
+        examples = tokenize(load_samples(settings.data), loaded.tokenizer, train.max_len)
+        torch.manual_seed(train.seed)
+        cut = training.split.cut(discover(loaded.model).n_blocks)
+        part = SitePart(loaded.model, cut, training.lora, train.lr)
+        stream = BatchStream(examples, train.batch_size, site_seed(train.seed, settings.agent_id),
+                             pad_id_of(loaded.tokenizer))
+        log.info("%s: %d examples, cut %d/%d (%s)", settings.agent_id, len(examples), cut.a,
+                 cut.b, cut.mode.value)
+        return part, stream
+
+    return build
+
+
+def run_agent(settings: AgentSettings) -> int:
+    """Run the agent until the coordinator finishes the run; returns the rounds it trained."""
+    rt = settings.runtime
+    status_topic = protocol.topic_status(rt.run_id, settings.agent_id)
+    link = MqttLink(rt.broker, f"fsl-{rt.run_id}-{settings.agent_id}",
+                    [protocol.topic_down(rt.run_id, settings.agent_id),
+                     protocol.topic_broadcast(rt.run_id)],
+                    will=(status_topic, protocol.STATUS_OFFLINE),
+                    online=(status_topic, protocol.STATUS_ONLINE), max_packet=rt.max_packet)
+    link.start()
+    try:
+        return Agent(settings, link, builder(settings)).run()
+    finally:
+        link.publish_status(status_topic, protocol.STATUS_OFFLINE)
+        link.stop()

@@ -1,0 +1,157 @@
+"""Typed, documented settings for the learning core: one pydantic model per concern.
+
+Each field's docstring is the documentation a user reads; validators reject a bad value with a
+message naming the field and what is allowed.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from .errors import SplitError
+
+
+class SplitMode(str, Enum):
+    U_SHAPE = "u-shape"
+    """Default. The site keeps embeddings, the first and the last blocks, the head and the loss:
+    token ids and labels never leave the site."""
+    VANILLA = "vanilla"
+    """Opt-in. The site keeps only embeddings and the first blocks; the server computes the loss,
+    so the labels (= the text, shifted by one) are sent to it. Half the traffic; leaks the text."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LoraSettings(_Strict):
+    """LoRA adapters (peft) on both sides of the split."""
+
+    rank: int = Field(8, ge=1, le=1024)
+    """LoRA rank r. SplitLoRA uses 2-4 on GPT-2; 8 is peft's default."""
+    alpha: float = Field(16.0, gt=0)
+    """LoRA scaling numerator: the update is scaled by alpha / rank."""
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout on the LoRA path. 0 keeps split runs bit-reproducible across processes."""
+    target_modules: tuple[str, ...] | None = None
+    """Module names (suffixes) that get adapters; None picks the family's default
+    (attention projections)."""
+    site_freeze_a: bool = False
+    """FFA-LoRA at the sites (Sun et al., ICLR 2024): keep the shared random A of every site
+    adapter fixed and train only B, so that averaging the sites' B averages their updates B·A
+    exactly; plain FedAvg of A and B separately does not, across non-IID sites."""
+    quantize: str | None = None
+    """'4bit' loads the frozen base in NF4 via bitsandbytes (QLoRA). Needs CUDA."""
+
+    @field_validator("quantize")
+    @classmethod
+    def _quantize(cls, v: str | None) -> str | None:
+        if v not in (None, "4bit"):
+            raise ValueError(f"quantize must be '4bit' or unset, not {v!r}")
+        return v
+
+
+class SplitSettings(_Strict):
+    """Where the model is cut between site and server."""
+
+    mode: SplitMode = SplitMode.U_SHAPE
+    """u-shape (labels stay at the site) or vanilla (labels are sent; see SplitMode)."""
+    front: int | None = Field(None, ge=0)
+    """Blocks the site runs before the server's part: the cut a. None: 2 (or 1 in a tiny model)."""
+    back: int | None = Field(None, ge=0)
+    """u-shape only: blocks the site runs after the server's part (L - b). None: 1."""
+
+    def cut(self, n_blocks: int) -> "Cut":
+        """Resolve to block indices for a model of `n_blocks` blocks, or raise SplitError."""
+        front = self.front if self.front is not None else (2 if n_blocks >= 6 else 1)
+        if self.mode is SplitMode.VANILLA:
+            if self.back not in (None, 0):
+                raise SplitError("vanilla mode has no site-side back blocks: leave `back` unset")
+            cut = Cut(mode=self.mode, a=front, b=n_blocks, n=n_blocks)
+        else:
+            back = self.back if self.back is not None else 1
+            cut = Cut(mode=self.mode, a=front, b=n_blocks - back, n=n_blocks)
+        cut.check()
+        return cut
+
+
+class Cut(BaseModel):
+    """A resolved split: the server runs blocks [a, b); the site runs [0, a) and [b, n)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    mode: SplitMode
+    a: int
+    b: int
+    n: int
+
+    def check(self) -> None:
+        if not 1 <= self.a:
+            raise SplitError(f"cut a={self.a} leaves the site no front block: the server would "
+                             "receive embeddings, which reveal the token ids; use a >= 1")
+        if self.b > self.n or self.a > self.n:
+            raise SplitError(f"cut ({self.a}, {self.b}) is outside a model of {self.n} blocks")
+        if self.a >= self.b:
+            raise SplitError(f"cut ({self.a}, {self.b}) leaves the server no blocks "
+                             f"(the model has {self.n}); the server needs a < b")
+        if self.mode is SplitMode.U_SHAPE and self.b == self.n:
+            raise SplitError(f"u-shape cut b={self.b} leaves the site no back block "
+                             f"(the model has {self.n}); use back >= 1")
+
+    @property
+    def site_blocks(self) -> list[int]:
+        return list(range(self.a)) + list(range(self.b, self.n))
+
+    @property
+    def server_blocks(self) -> list[int]:
+        return list(range(self.a, self.b))
+
+
+class TrainSettings(_Strict):
+    """Optimisation and batching, the same at every site."""
+
+    lr: float = Field(2e-4, gt=0)
+    """AdamW learning rate for the LoRA weights on both sides."""
+    batch_size: int = Field(8, ge=1)
+    """Samples per local step."""
+    max_len: int = Field(64, ge=2)
+    """Tokens per sample after truncation."""
+    server_lr: float = Field(1.0, gt=0)
+    """Server learning rate of the site-adapter aggregation (FedOpt): the global site adapter
+    moves by server_lr x the token-weighted mean of the sites' updates. 1 is plain FedAvg."""
+    rounds: int = Field(3, ge=1)
+    """Federated rounds: each ends with FedAvg of the site adapters."""
+    steps: int = Field(10, ge=1)
+    """Local steps per site per round."""
+    seed: int = 0
+    """Seeds adapter init, shuffling and every RNG, so runs are reproducible."""
+
+
+class LearningSettings(_Strict):
+    """Everything that determines what a run learns (besides the model and the data): the same
+    for the simulation and the distributed runtime, and sent to every agent when it joins."""
+
+    split: SplitSettings = Field(default_factory=SplitSettings)
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    train: TrainSettings = Field(default_factory=TrainSettings)
+
+
+class RuntimeSettings(_Strict):
+    """How the coordinator and the agents talk: the broker, liveness and retry timing."""
+
+    run_id: str = "demo"
+    """Names the run on the broker (topics fsl/<run_id>/...); agents must use the same."""
+    broker: str = "mqtt://127.0.0.1:1883"
+    """The MQTT broker, mqtt://host:port."""
+    max_packet: int = Field(1 << 20, ge=4096)
+    """Largest MQTT packet sent; bigger messages are chunked. 1 MiB is EMQX's default limit."""
+    heartbeat_s: float = Field(2.0, gt=0)
+    """Agents send a heartbeat this often, also while they compute."""
+    offline_after_s: float = Field(15.0, gt=0)
+    """An agent not heard from for this long is offline (its last will says so sooner)."""
+    resend_s: float = Field(10.0, gt=0)
+    """A request unanswered for this long is sent again (the receiver applies it at most once)."""
+    round_timeout_s: float = Field(1800.0, gt=0)
+    """A round still open after this long closes with the adapters that arrived."""

@@ -1,0 +1,86 @@
+"""The status document the coordinator serves at /status and `fsl-edge status` shows.
+
+One schema for producer and consumer, so the CLI never guesses at field names. Byte counts are
+what was published (after compression) and what the same tensors weigh uncompressed.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field, computed_field
+
+
+class Traffic(BaseModel):
+    messages: int = 0
+    bytes: int = 0
+    """Payload bytes as published (after the codec)."""
+    raw_bytes: int = 0
+    """The same tensors uncompressed: the ratio raw_bytes / bytes is the compression."""
+
+    def add(self, sent: int, raw: int) -> None:
+        self.messages += 1
+        self.bytes += sent
+        self.raw_bytes += raw
+
+
+class AgentStatus(BaseModel):
+    state: str = "offline"
+    """online (connected, idle), training, offline (last will or heartbeat lost), dropped."""
+    last_seen: float | None = None
+    """Unix time of the last message from this agent."""
+    round: int = 0
+    step: int = 0
+    loss: float | None = None
+    """Mean training loss of the agent's last completed round (or the running round)."""
+    tokens: int = 0
+    """Tokens trained on, whole run."""
+    tokens_per_s: float | None = None
+    rounds_contributed: int = 0
+    traffic: dict[str, Traffic] = Field(default_factory=dict)
+    """Per message kind, both directions between this agent and the coordinator."""
+
+
+class RoundRecord(BaseModel):
+    round: int
+    participants: list[str]
+    """Agents whose adapter was averaged into this round's result."""
+    train_loss: float | None = None
+    heldout_loss: float | None = None
+    tokens: int = 0
+    seconds: float = 0.0
+
+
+class Status(BaseModel):
+    run: str
+    state: str = "starting"
+    """starting, waiting (for agents), training, finished, failed."""
+    round: int = 0
+    rounds: int = 0
+    step: int = 0
+    steps: int = 0
+    model: str = ""
+    mode: str = ""
+    started_at: float = 0.0
+    updated_at: float = 0.0
+    agents: dict[str, AgentStatus] = Field(default_factory=dict)
+    traffic: dict[str, Traffic] = Field(default_factory=dict)
+    """Per message kind, all agents."""
+    history: list[RoundRecord] = Field(default_factory=list)
+    rejected: dict[str, int] = Field(default_factory=dict)
+    """Messages dropped, by reason (malformed, version, unknown_agent, bad_shape, non_finite,
+    duplicate, wrong_run, late)."""
+    checkpoint: str | None = None
+    """Directory of the last checkpoint."""
+
+    @computed_field
+    @property
+    def compression_ratio(self) -> float | None:
+        sent = sum(t.bytes for t in self.traffic.values())
+        raw = sum(t.raw_bytes for t in self.traffic.values())
+        return raw / sent if sent else None
+
+
+def direction(kind: str) -> str | None:
+    """Return "up" (agent to coordinator) or "down" for a kind such as "activation_up", else None."""
+    # Kinds carry their direction as a suffix (fsl_edge.messages): one rule for every reader.
+    head, _, way = kind.rpartition("_")
+    return way if head and way in ("up", "down") else None

@@ -1,0 +1,160 @@
+"""One MQTT connection that speaks the fsl-edge protocol: chunked envelopes out, whole ones in.
+
+paho runs the network loop in its own thread and reconnects by itself (with backoff) after the
+broker goes away; subscriptions are renewed on every connect because a restarted broker without
+persistence has forgotten the session. Incoming chunks are reassembled and decoded in paho's
+thread and handed over through a queue, so the process's own loop stays single-threaded.
+Nothing raised while decoding may escape a paho callback (it would stop paho's thread): bad
+input is counted by reason and dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections import Counter
+import time
+from dataclasses import dataclass, field
+from urllib.parse import urlparse
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from . import protocol
+from .chunking import DEFAULT_MAX_PACKET, Reassembler, split_message
+from .errors import CodecError, ConfigError, ProtocolError, TransportError
+
+log = logging.getLogger("fsl_edge.transport")
+
+
+def parse_broker_url(url: str) -> tuple[str, int]:
+    """mqtt://host:port -> (host, port). TLS (mqtts://) arrives with the security work."""
+    parsed = urlparse(url)
+    if parsed.scheme != "mqtt" or not parsed.hostname:
+        raise ConfigError(f"broker URL {url!r} is not of the form mqtt://host:port")
+    return parsed.hostname, parsed.port or 1883
+
+
+@dataclass
+class Received:
+    topic: protocol.Topic
+    envelope: protocol.Envelope
+    size: int  # bytes of the whole (reassembled) envelope
+    received_at: float = field(default_factory=time.monotonic)  # in paho's thread, on arrival
+
+
+class MqttLink:
+    """A client id, its subscriptions and last will; `publish` and `get` carry envelopes."""
+
+    def __init__(self, url: str, client_id: str, subscriptions: list[str],
+                 will: tuple[str, bytes] | None = None, online: tuple[str, bytes] | None = None,
+                 max_packet: int = DEFAULT_MAX_PACKET, limits: protocol.Limits = protocol.Limits(),
+                 chunk_deadline_s: float = 60.0):
+        self.host, self.port = parse_broker_url(url)
+        self.url, self.subscriptions, self.online = url, subscriptions, online
+        self.max_packet, self.limits = max_packet, limits
+        self.inbox: queue.Queue[Received] = queue.Queue()
+        self.rejected: Counter[str] = Counter()
+        self.connected = threading.Event()
+        self.reconnects = 0
+        self._reassembler = Reassembler(max_message_bytes=limits.max_message_bytes,
+                                        deadline_s=chunk_deadline_s)
+        self._dups = protocol.DuplicateFilter()
+        self._seq = protocol.SequenceCounter()
+        self._lock = threading.Lock()  # publish order
+        self._count_lock = threading.Lock()  # drop counts, written by paho's thread
+        # persistent session (clean_session=False): QoS-1 messages queued while we were away
+        # are delivered on reconnect
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
+                                  clean_session=False, protocol=mqtt.MQTTv311)
+        self.client.reconnect_delay_set(min_delay=0.2, max_delay=5)
+        self.client.max_queued_messages_set(0)
+        if will:
+            self.client.will_set(will[0], will[1], qos=protocol.QOS, retain=True)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+
+    # --- lifecycle ---
+    def start(self, timeout: float = 30.0) -> None:
+        """Connect (retrying in the background) and wait until the first connection is up."""
+        self.client.connect_async(self.host, self.port, keepalive=15)
+        self.client.loop_start()
+        if not self.connected.wait(timeout):
+            self.stop()
+            raise TransportError(f"no connection to the broker at {self.url} within {timeout:.0f} s")
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties):
+        if reason_code.is_failure:
+            log.warning("broker %s refused the connection: %s", self.url, reason_code)
+            return
+        for topic in self.subscriptions:
+            client.subscribe(topic, qos=protocol.QOS)
+        if self.online:
+            client.publish(self.online[0], self.online[1], qos=protocol.QOS, retain=True)
+        if self.connected.is_set():
+            self.reconnects += 1
+        self.connected.set()
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties):
+        self.connected.clear()
+        log.info("disconnected from %s (%s); paho reconnects", self.url, reason_code)
+
+    # --- in ---
+    def _on_message(self, client, userdata, msg):
+        try:
+            topic = protocol.parse_topic(msg.topic)
+            if topic.channel == "status":
+                env = protocol.Envelope(protocol.MessageKind.STATUS, topic.run, topic.agent or "",
+                                        meta={"state": msg.payload.decode("ascii", "replace")})
+                self.inbox.put(Received(topic, env, len(msg.payload)))
+                return
+            whole = self._reassembler.feed(msg.topic, msg.payload)
+            if whole is None:
+                return
+            env = protocol.decode_envelope(whole, self.limits)
+            if self._dups.is_duplicate(msg.topic, env.seq):
+                self._count("duplicate")
+                return
+            self.inbox.put(Received(topic, env, len(whole)))
+        except (ProtocolError, CodecError) as e:
+            self._count("version" if "version" in str(e) else "malformed")
+            log.warning("dropped a message on %s: %s", msg.topic, e)
+        except Exception:  # noqa: BLE001 - paho's thread must survive anything
+            self._count("malformed")
+            log.exception("unexpected error decoding a message on %s", msg.topic)
+
+    def _count(self, reason: str) -> None:
+        with self._count_lock:
+            self.rejected[reason] += 1
+
+    def rejected_counts(self) -> Counter[str]:
+        """A copy of the drop counts (paho's thread adds to them)."""
+        with self._count_lock:
+            return Counter(self.rejected)
+
+    def get(self, timeout: float | None) -> Received | None:
+        """The next decoded envelope, or None after `timeout` seconds."""
+        self._reassembler.expire()
+        try:
+            return self.inbox.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    # --- out ---
+    def publish(self, topic: str, env: protocol.Envelope) -> int:
+        """Encode, chunk and publish at QoS 1; returns the bytes handed to the broker."""
+        with self._lock:  # sequence numbers in publish order
+            env.seq = self._seq.next()
+            data = protocol.encode_envelope(env)
+            for chunk in split_message(data, self.max_packet):
+                self.client.publish(topic, chunk, qos=protocol.QOS)
+        return len(data)
+
+    def publish_status(self, topic: str, payload: bytes) -> None:
+        self.client.publish(topic, payload, qos=protocol.QOS, retain=True)
