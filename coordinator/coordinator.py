@@ -195,6 +195,7 @@ class Coordinator:
             st.state = "online"
         self.send(agent, Envelope(MessageKind.HELLO, self.run_id, agent, self.round, meta={
             "model": self.settings.model, "incarnation": self.incarnation,
+            "timing": self.settings.runtime.timing(),
             "training": self.settings.training.model_dump(mode="json")}))
         self.instruct(agent)
 

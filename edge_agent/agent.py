@@ -19,7 +19,8 @@ from fsl_edge.data import BatchStream
 from fsl_edge.protocol import Envelope, Flag, MessageKind
 from fsl_edge.step import SitePart
 from fsl_edge.transport import MqttLink
-from fsl_edge.wire import Address, adapter_envelope, adapter_state, step_envelope, step_message
+from fsl_edge.wire import (Address, adapter_envelope, adapter_state, meta_number, step_envelope,
+                           step_message)
 
 from . import state
 from .settings import AgentSettings
@@ -46,6 +47,9 @@ class Agent:
         self.snapshot: state.RoundSnapshot | None = None
         self.rounds_done = 0
         self.limits = protocol.Limits()
+        # the coordinator's grace decides when this agent counts as gone: its welcome says how
+        # often to beat and to resend, and those replace the agent's own until then
+        self.timing = settings.runtime.timing()
         self._stop = threading.Event()
 
     # --- messaging ---
@@ -58,7 +62,7 @@ class Agent:
         (for this round and step), sending it again every `resend_s`."""
         if send:
             self.send(env)
-        deadline = time.monotonic() + self.settings.runtime.resend_s
+        deadline = time.monotonic() + self.timing["resend_s"]
         while not self._stop.is_set():
             received = self.link.get(timeout=0.2)
             # paho itself retransmits what it could not deliver: resend only over a live link
@@ -66,7 +70,7 @@ class Agent:
                 log.info("%s: %s unanswered; sending it again", self.me, env.kind.name)
                 env.flags |= Flag.RESEND
                 self.send(env)
-                deadline = time.monotonic() + self.settings.runtime.resend_s
+                deadline = time.monotonic() + self.timing["resend_s"]
             if received is None:
                 continue
             got = received.envelope
@@ -90,12 +94,18 @@ class Agent:
         reply = self.request(env, {answer}, round_, step)
         return step_message(reply, self.limits.max_tensor_bytes)
 
+    def welcome_timing(self, meta: dict) -> dict[str, float]:
+        timing = meta.get("timing")
+        if not isinstance(timing, dict):
+            return self.timing  # an older coordinator: keep our own
+        return {k: meta_number(timing, k, float, minimum=0.05) for k in self.timing}
+
     def hello(self) -> Envelope:
         return Envelope(MessageKind.HELLO, self.run_id, self.me,
                         meta={"rounds_done": self.rounds_done})
 
     def heartbeats(self) -> None:
-        while not self._stop.wait(self.settings.runtime.heartbeat_s):
+        while not self._stop.wait(self.timing["heartbeat_s"]):
             self.send(Envelope(MessageKind.HEARTBEAT, self.run_id, self.me))
 
     # --- lifecycle ---
@@ -105,6 +115,7 @@ class Agent:
         beat.start()
         try:
             welcome = self.request(self.hello(), {MessageKind.HELLO}, interruptible=False)
+            self.timing = self.welcome_timing(welcome.meta)
             self.part, self.stream = self.build(welcome.meta)
             self.rounds_done = state.load(self.settings.workdir, self.part, self.stream)
             idle, unsent, instruction = self.hello(), False, None

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from enum import Enum
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .errors import SplitError
 
@@ -155,3 +155,17 @@ class RuntimeSettings(_Strict):
     """A request unanswered for this long is sent again (the receiver applies it at most once)."""
     round_timeout_s: float = Field(1800.0, gt=0)
     """A round still open after this long closes with the adapters that arrived."""
+
+    @model_validator(mode="after")
+    def _resends_beat_the_grace(self) -> RuntimeSettings:
+        # An agent whose lost request is re-sent only after the coordinator has given up on it
+        # loses its place in the round to every dropped packet or broker restart.
+        for name in ("heartbeat_s", "resend_s"):
+            if getattr(self, name) >= self.offline_after_s:
+                raise ValueError(f"{name} ({getattr(self, name)}) must be shorter than "
+                                 f"offline_after_s ({self.offline_after_s})")
+        return self
+
+    def timing(self) -> dict[str, float]:
+        """What the coordinator tells its agents: their heartbeats and resends must fit its grace."""
+        return {"heartbeat_s": self.heartbeat_s, "resend_s": self.resend_s}

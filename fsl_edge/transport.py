@@ -58,6 +58,7 @@ class MqttLink:
         self.rejected: Counter[str] = Counter()
         self.connected = threading.Event()
         self.reconnects = 0
+        self._ever_connected = False
         self._reassembler = Reassembler(max_message_bytes=limits.max_message_bytes,
                                         deadline_s=chunk_deadline_s)
         self._dups = protocol.DuplicateFilter()
@@ -97,8 +98,10 @@ class MqttLink:
             client.subscribe(topic, qos=protocol.QOS)
         if self.online:
             client.publish(self.online[0], self.online[1], qos=protocol.QOS, retain=True)
-        if self.connected.is_set():
+        if self._ever_connected:
             self.reconnects += 1
+            log.info("reconnected to %s", self.url)
+        self._ever_connected = True
         self.connected.set()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties):

@@ -74,6 +74,9 @@ def test_broker_restarted_mid_run_loses_nothing(tmp_path, mosquitto_factory):
     finally:
         fed.stop()
     assert status.state == "finished"
+    # the fault really hit every process: each lost its connection and got it back
+    for log in (fed.workdir / "logs").glob("*.log"):
+        assert "reconnected to" in log.read_text(), log.name
     assert_matches_simulation(fed)
 
 

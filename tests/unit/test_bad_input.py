@@ -14,7 +14,7 @@ from transformers import (
     T5Config,
 )
 
-from fsl_edge.config import LoraSettings, SplitMode, SplitSettings
+from fsl_edge.config import LoraSettings, RuntimeSettings, SplitMode, SplitSettings
 from fsl_edge.errors import ConfigError, DataError, ModelError, SplitError, UnsupportedModelError
 from fsl_edge.lora import check_quantize
 from fsl_edge.models import ModelSettings, load, resolve
@@ -200,6 +200,13 @@ def test_full_precision_lora_needs_no_cuda():
 def test_an_unknown_quantisation_is_refused_by_the_settings():
     with pytest.raises(ValueError, match="quantize must be '4bit' or unset, not '8bit'"):
         LoraSettings(quantize="8bit")
+
+
+@pytest.mark.parametrize("field", ["resend_s", "heartbeat_s"])
+def test_timing_that_cannot_beat_the_offline_grace_is_refused(field):
+    # resent only after the coordinator gave up: every lost packet would cost a round
+    with pytest.raises(ValueError, match=f"{field} \\(8.0\\) must be shorter than offline_after_s \\(8.0\\)"):
+        RuntimeSettings(offline_after_s=8.0, **{field: 8.0})
 
 
 # --- data folders ------------------------------------------------------------------------------
