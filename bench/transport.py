@@ -44,7 +44,7 @@ from fsl_edge.config import LearningSettings
 from fsl_edge.simulation import simulate  # noqa: E402
 from fsl_edge.sites import load_sites  # noqa: E402
 from fsl_edge.transport import MqttLink  # noqa: E402
-from fsl_edge.wire import FLOAT_STAGES  # noqa: E402
+from fsl_edge.compression import LOSSLESS as FLOAT_STAGES  # noqa: E402
 
 RUN = "bench-transport"
 MIB = 1 << 20

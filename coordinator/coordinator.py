@@ -19,6 +19,7 @@ import torch
 
 from fsl_edge import protocol
 from fsl_edge.aggregation import fedavg, server_step
+from fsl_edge.compression import Downlink, StepCodec, aggregate
 from fsl_edge.errors import CodecError, ProtocolError
 from fsl_edge.protocol import Envelope, MessageKind
 from fsl_edge.split import check_parity, discover
@@ -57,7 +58,10 @@ class Coordinator:
         lora = settings.training.lora
         self.trunk = ServerPart(copy.deepcopy(model), self.cut, lora, train.lr)
         self.site_adapter = SitePart(copy.deepcopy(model), self.cut, lora, train.lr).adapter()
-        self.split = SplitServer(self.trunk, self.run_id)
+        self.pipes = settings.training.compression.pipelines()
+        self.split = SplitServer(self.trunk, self.run_id, StepCodec(self.pipes))
+        # the site adapter as the agents hold it; it moves by (compressed) deltas
+        self.downlink = Downlink(self.pipes.download)
         self.incarnation = uuid.uuid4().hex[:8]
         self.status = Status(run=self.run_id, rounds=train.rounds, steps=train.steps,
                              model=settings.model, mode=self.cut.mode.value, started_at=time.time())
@@ -69,6 +73,7 @@ class Coordinator:
         self.uploads: dict[str, Upload] = {}
         self.round_started = 0.0
         self.start_msg: Envelope | None = None
+        self.start_full: Envelope | None = None  # the same start with the adapter in full
         self.published = self.status.model_copy(deep=True)
         ckpt = checkpoint.load(settings.checkpoint_dir, self.trunk, settings.fingerprint())
         if ckpt is not None:
@@ -205,7 +210,7 @@ class Coordinator:
             self.send(agent, Envelope(MessageKind.ROUND_END, self.run_id, agent, self.round,
                                       meta={"finished": True}))
         elif self.active and agent in self.members and agent not in self.uploads:
-            self.send(agent, self.start_msg)
+            self.send(agent, self.start_full)  # it asked again: it may not hold the last copy
 
     def on_step(self, agent: str, env: Envelope) -> None:
         # the content is checked first, whatever the round: a bad tensor is refused as such
@@ -226,6 +231,9 @@ class Coordinator:
         if not self.active or env.round != self.round or agent not in self.members \
                 or agent in self.uploads or env.meta.get("attempt") != self.attempt:
             return self.instruct(agent)  # a resend, or from an agent the round left behind
+        if env.meta.get("version") != self.version:
+            raise ProtocolError(f"adapter delta against copy {env.meta.get('version')!r}, "
+                                f"this round's is {self.version!r}")
         state = adapter_state(env, self.site_adapter, protocol.Limits().max_tensor_bytes)
         tokens = meta_number(env.meta, "tokens", int, minimum=1)
         loss = meta_number(env.meta, "loss", float)
@@ -247,6 +255,11 @@ class Coordinator:
                 self.send(to, reply)
 
     # --- rounds ---
+    @property
+    def version(self) -> str:
+        """Names the copy of the site adapter the agents hold (unique across restarts)."""
+        return f"{self.incarnation}-{self.downlink.version}"
+
     def online(self) -> list[str]:
         return sorted(a for a in self.welcomed if self.status.agents[a].state != "offline")
 
@@ -263,12 +276,19 @@ class Coordinator:
         self.active, self.members, self.uploads = True, set(agents), {}
         self.round_started = time.monotonic()
         # to undo the trunk's steps if the round is abandoned: agents replay it from its start
-        self.trunk_snapshot = (self.trunk.adapter(), copy.deepcopy(self.trunk.optimizer.state_dict()))
+        self.trunk_snapshot = (self.trunk.adapter(), copy.deepcopy(self.trunk.optimizer.state_dict()),
+                               self.downlink.shared, self.downlink.version)
         train = self.settings.training.train
         self.split.begin_round(self.round, agents, train.steps)
-        self.start_msg = adapter_envelope(
-            MessageKind.ROUND_START, self.site_adapter, Address(self.run_id, "", self.round),
-            {"steps": train.steps, "attempt": self.attempt, "participants": agents})
+        base_version = self.version
+        delta = self.downlink.advance(self.site_adapter)
+        meta = {"steps": train.steps, "attempt": self.attempt, "participants": agents,
+                "version": self.version}
+        at = Address(self.run_id, "", self.round)
+        self.start_full = adapter_envelope(MessageKind.ROUND_START, self.downlink.shared, at,
+                                           {**meta, "full": True}, self.pipes.full_download)
+        self.start_msg = self.start_full if delta is None else adapter_envelope(
+            MessageKind.ROUND_START, delta, at, {**meta, "base": base_version}, self.pipes.download)
         self.status.state, self.status.round, self.status.step = "training", self.round, 0
         log.info("round %d starts with %s", self.round, ", ".join(agents))
         for agent in agents:
@@ -277,7 +297,7 @@ class Coordinator:
     def maybe_close(self) -> None:
         if not self.members:
             log.warning("round %d lost every agent; it starts again", self.round)
-            adapter, optimizer = self.trunk_snapshot
+            adapter, optimizer, self.downlink.shared, self.downlink.version = self.trunk_snapshot
             self.trunk.load_adapter(adapter)
             self.trunk.optimizer.load_state_dict(optimizer)
             self.active, self.round = False, self.round - 1
@@ -286,10 +306,9 @@ class Coordinator:
         if not self.split.finished or not self.members <= set(self.uploads):
             return
         names = sorted(self.uploads)
-        self.site_adapter = server_step(
-            self.site_adapter, fedavg([self.uploads[a].state for a in names],
-                                      [self.uploads[a].tokens for a in names]),
-            self.settings.training.train.server_lr)
+        self.site_adapter = aggregate(self.site_adapter, [self.uploads[a].state for a in names],
+                                      [self.uploads[a].tokens for a in names], fedavg, server_step,
+                                      self.settings.training.train.server_lr)
         tokens = sum(u.tokens for u in self.uploads.values())
         self.status.history.append(RoundRecord(
             round=self.round, participants=names, tokens=tokens,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from collections import deque
 
+from fsl_edge.compression import StepCodec
 from fsl_edge.config import SplitMode
 from fsl_edge.errors import ProtocolError
 from fsl_edge.messages import ActivationUp, GradientUp
@@ -26,8 +27,8 @@ Reply = tuple[str, Envelope]  # (agent, envelope to send it)
 
 
 class SplitServer:
-    def __init__(self, part: ServerPart, run: str):
-        self.part, self.run = part, run
+    def __init__(self, part: ServerPart, run: str, codec: StepCodec):
+        self.part, self.run, self.codec = part, run, codec
         self.round = -1
         self.order: deque[tuple[int, str]] = deque()
         self.buffered: dict[str, tuple[int, ActivationUp]] = {}
@@ -117,7 +118,7 @@ class SplitServer:
         self.turn_since = time.monotonic()
 
     def _reply(self, agent: str, request: MessageKind, step: int, message) -> Reply:
-        env = step_envelope(message, Address(self.run, agent, self.round, step))
+        env = step_envelope(message, Address(self.run, agent, self.round, step), self.codec)
         # keep only the latest reply per agent: an older request cannot be outstanding
         self.replies = {k: v for k, v in self.replies.items() if k[0] != agent}
         self.replies[(agent, request, step)] = env

@@ -14,7 +14,8 @@ import threading
 import time
 
 from fsl_edge import protocol
-from fsl_edge.config import SplitMode
+from fsl_edge.compression import StepCodec, Uplink, apply
+from fsl_edge.config import LearningSettings, SplitMode
 from fsl_edge.data import BatchStream
 from fsl_edge.protocol import Envelope, Flag, MessageKind
 from fsl_edge.step import SitePart
@@ -45,6 +46,12 @@ class Agent:
         self.stream: BatchStream | None = None
         self.attempt: str | None = None  # the ROUND_START attempt being worked on
         self.snapshot: state.RoundSnapshot | None = None
+        self.codec: StepCodec | None = None  # how the run compresses; set by the welcome
+        self.uplink: Uplink | None = None
+        # the coordinator's copy of the site adapter this agent holds, and its name: the
+        # coordinator sends deltas against it
+        self.shared: dict | None = None
+        self.version: str | None = None
         self.rounds_done = 0
         self.limits = protocol.Limits()
         # the coordinator's grace decides when this agent counts as gone: its welcome says how
@@ -88,6 +95,25 @@ class Agent:
                 raise Interrupted(got)
         raise KeyboardInterrupt
 
+    def base_of(self, start: Envelope) -> Envelope:
+        """Take the round's copy of the site adapter from its ROUND_START: in full, or as a delta
+        against the copy this agent holds. Without that copy (it restarted, or missed a round) it
+        asks for the full one; returns the start it used."""
+        while True:
+            if start.meta.get("full"):
+                self.shared = adapter_state(start, self.part.adapter(), self.limits.max_tensor_bytes)
+                break
+            if self.version is not None and start.meta.get("base") == self.version:
+                delta = adapter_state(start, self.part.adapter(), self.limits.max_tensor_bytes)
+                self.shared = apply(self.shared, delta)
+                break
+            log.info("%s: round %d sent a delta against a copy it does not hold; asking for it "
+                     "in full", self.me, start.round)
+            start = self.request(self.hello(resync=True), {MessageKind.ROUND_START}, start.round,
+                                 interruptible=False)
+        self.version = start.meta.get("version")
+        return start
+
     def ask(self, env: Envelope, answer: MessageKind, round_: int, step: int):
         """One hop of a step: send it (tagged with the round's attempt), return the reply."""
         env.meta["attempt"] = self.attempt  # a reply to an older attempt is never taken for this
@@ -100,9 +126,9 @@ class Agent:
             return self.timing  # an older coordinator: keep our own
         return {k: meta_number(timing, k, float, minimum=0.05) for k in self.timing}
 
-    def hello(self) -> Envelope:
+    def hello(self, resync: bool = False) -> Envelope:
         return Envelope(MessageKind.HELLO, self.run_id, self.me,
-                        meta={"rounds_done": self.rounds_done})
+                        meta={"rounds_done": self.rounds_done, "resync": resync})
 
     def heartbeats(self) -> None:
         while not self._stop.wait(self.timing["heartbeat_s"]):
@@ -116,6 +142,8 @@ class Agent:
         try:
             welcome = self.request(self.hello(), {MessageKind.HELLO}, interruptible=False)
             self.timing = self.welcome_timing(welcome.meta)
+            pipes = LearningSettings.model_validate(welcome.meta["training"]).compression.pipelines()
+            self.codec, self.uplink = StepCodec(pipes), Uplink(pipes.upload)
             self.part, self.stream = self.build(welcome.meta)
             self.rounds_done = state.load(self.settings.workdir, self.part, self.stream)
             idle, unsent, instruction = self.hello(), False, None
@@ -140,14 +168,18 @@ class Agent:
     def train_round(self, start: Envelope) -> Envelope:
         """Run one round's steps and send the adapter upload; returns it (re-sent while idle)."""
         part, stream, r = self.part, self.stream, start.round
-        self.attempt = start.meta.get("attempt")
         if self.snapshot and self.snapshot.round == r:
-            self.snapshot.restore(part, stream)  # the round is repeated: rewind to its start
+            # the round is repeated: rewind to its start
+            self.snapshot.restore(part, stream)
+            self.shared, self.version, self.uplink.residual = self.snapshot.sync
         else:
             self.snapshot = state.RoundSnapshot.take(r, part, stream)
+            self.snapshot.sync = (self.shared, self.version, dict(self.uplink.residual))
+        start = self.base_of(start)
+        self.attempt = start.meta.get("attempt")
         # an interrupted step may have left gradients behind (back blocks done, front not)
         part.optimizer.zero_grad(set_to_none=True)
-        part.load_adapter(adapter_state(start, part.adapter(), self.limits.max_tensor_bytes))
+        part.load_adapter(self.shared)
         steps, tokens, loss_sum = int(start.meta["steps"]), 0, 0.0
         started = time.monotonic()
         for s in range(steps):
@@ -155,21 +187,22 @@ class Agent:
             at = Address(self.run_id, self.me, r, s)
             up = part.forward_front(batch)
             if part.cut.mode is SplitMode.VANILLA:
-                down = self.ask(step_envelope(up, at), MessageKind.GRADIENT_DOWN, r, s)
+                down = self.ask(step_envelope(up, at, self.codec), MessageKind.GRADIENT_DOWN, r, s)
                 loss = down.loss
             else:
-                trunk = self.ask(step_envelope(up, at), MessageKind.ACTIVATION_DOWN, r, s)
+                trunk = self.ask(step_envelope(up, at, self.codec), MessageKind.ACTIVATION_DOWN, r, s)
                 grad_up, loss = part.forward_back(trunk)
-                down = self.ask(step_envelope(grad_up, at), MessageKind.GRADIENT_DOWN, r, s)
+                down = self.ask(step_envelope(grad_up, at, self.codec), MessageKind.GRADIENT_DOWN, r, s)
             part.backward_front(down)
             part.step()
             tokens += batch.tokens
             loss_sum += loss
         self.rounds_done = r
-        upload = adapter_envelope(MessageKind.ADAPTER_UP, part.adapter(),
-                                  Address(self.run_id, self.me, r),
+        delta, _ = self.uplink.delta(part.adapter(), self.shared)
+        upload = adapter_envelope(MessageKind.ADAPTER_UP, delta, Address(self.run_id, self.me, r),
                                   {"tokens": tokens, "loss": loss_sum / steps, "attempt": self.attempt,
-                                   "seconds": time.monotonic() - started})
+                                   "version": self.version, "seconds": time.monotonic() - started},
+                                  self.uplink.stages)
         self.send(upload)
         # Saved after the upload is on its way, so the disk writes (fsync) overlap the
         # coordinator's aggregation instead of lengthening every round. A crash in between

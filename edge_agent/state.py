@@ -24,6 +24,7 @@ class RoundSnapshot:
     round: int
     optimizer: dict
     stream: dict
+    sync: tuple = (None, None, {})  # the agent's adapter copy, its name, the upload residual
 
     @classmethod
     def take(cls, round_: int, part: SitePart, stream: BatchStream) -> RoundSnapshot:

@@ -88,11 +88,16 @@ class BrokerProcess:
         self.stop()
 
 
-def mosquitto_broker(workdir: Path, *, max_packet_size: int | None = None, port: int | None = None) -> BrokerProcess:
-    """A Mosquitto with its own config in workdir (not started: use `with` or start())."""
+def mosquitto_broker(workdir: Path, *, max_packet_size: int | None = None, port: int | None = None,
+                     host: str = "127.0.0.1") -> BrokerProcess:
+    """A Mosquitto with its own config in workdir (not started: use `with` or start()).
+
+    host: the address it listens on; a shaped link with netem needs its veth address
+    (netshape.ShapedLink.bind_host), since the namespace cannot reach the host's loopback.
+    """
     port = port or free_port()
     lines = [
-        f"listener {port} 127.0.0.1",
+        f"listener {port} {host}",
         "allow_anonymous true",
         "persistence false",
         "log_dest stderr",
@@ -104,7 +109,8 @@ def mosquitto_broker(workdir: Path, *, max_packet_size: int | None = None, port:
         lines.append(f"max_packet_size {max_packet_size}")
     conf = workdir / f"mosquitto-{port}.conf"
     conf.write_text("\n".join(lines) + "\n")
-    return BrokerProcess("mosquitto", [find_mosquitto(), "-c", str(conf)], port, workdir / f"mosquitto-{port}.log")
+    return BrokerProcess("mosquitto", [find_mosquitto(), "-c", str(conf)], port, workdir / f"mosquitto-{port}.log",
+                         host=host)
 
 
 def amqtt_broker(workdir: Path, *, port: int | None = None) -> BrokerProcess:

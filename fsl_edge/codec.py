@@ -89,6 +89,7 @@ class Stage(ABC):
 
     name: ClassVar[str]
     phase: ClassVar[int]
+    lossless: ClassVar[bool] = False  # decode(encode(x)) == x bit for bit
 
     def wire_spec(self) -> str:
         """The spec recorded in the envelope; add the parameters a decoder needs."""
@@ -224,6 +225,7 @@ class Raw(Serialiser):
     """Contiguous little-endian element buffer; dtype and shape travel in TensorMeta."""
 
     name = "raw"
+    lossless = True
 
     def encode(self, t: torch.Tensor) -> bytes:
         wire = DTYPES[dtype_name(t.dtype)][1]
@@ -254,6 +256,7 @@ class Shuffle(ByteStage):
     """Group byte k of every element together: exponents line up, so zstd finds runs in floats."""
 
     name = "shuffle"
+    lossless = True
 
     def encode(self, data: bytes | memoryview, layout: Layout) -> bytes:
         return _shuffle(data, itemsize(layout.dtype), inverse=False)
@@ -279,6 +282,7 @@ class Zstd(ByteStage):
     """zstandard; the frame always declares its size so a decoder can refuse a bomb up front."""
 
     name = "zstd"
+    lossless = True
 
     def __init__(self, level: int = 3):
         if not isinstance(level, int) or not -7 <= level <= zstandard.MAX_COMPRESSION_LEVEL:
@@ -306,3 +310,6 @@ class Zstd(ByteStage):
             raise self.fail(f"frame declared {size} bytes but held {len(out)}")
         return out
 
+
+
+from . import codec_lossy  # noqa: E402,F401 - registers the lossy stages; it needs the classes above

@@ -129,6 +129,50 @@ class TrainSettings(_Strict):
     """Seeds adapter init, shuffling and every RNG, so runs are reproducible."""
 
 
+class CompressionSettings(_Strict):
+    """What travels on the wire: a named preset, and per-kind pipelines that override it.
+
+    A pipeline is a list of codec stages (see `fsl_edge.codec`), e.g.
+    ``["qblock:bits=4,block=64,outliers=8", "zstd"]``; each envelope records its own, so a
+    receiver needs nothing else to decode.
+    """
+
+    preset: str = "lossless"
+    """none (fp32), lossless (shuffle+zstd), balanced (int4 steps, top-k adapter deltas) or
+    aggressive; measured ratios and quality costs are in BENCHMARKS.md."""
+    activations: tuple[str, ...] | None = None
+    """Pipeline for activation_up/down; None takes the preset's."""
+    gradients: tuple[str, ...] | None = None
+    """Pipeline for gradient_up/down; None takes the preset's."""
+    upload: tuple[str, ...] | None = None
+    """Pipeline for the agents' adapter deltas (``randtopk:k=...`` first for top-k with error
+    feedback); None takes the preset's."""
+    download: tuple[str, ...] | None = None
+    """Pipeline for the site adapter deltas sent to the agents; None takes the preset's."""
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, v: str) -> str:
+        from .compression import PRESETS
+        if v not in PRESETS:
+            raise ValueError(f"unknown compression preset {v!r} (known: {', '.join(PRESETS)})")
+        return v
+
+    @field_validator("activations", "gradients", "upload", "download")
+    @classmethod
+    def _valid_pipeline(cls, v, info):
+        from .compression import check_pipeline
+        return v if v is None else check_pipeline(tuple(v), info.field_name)
+
+    def pipelines(self):
+        """The preset with this configuration's overrides (a compression.Pipelines)."""
+        from .compression import PRESETS
+        import dataclasses
+        fields = ("activations", "gradients", "upload", "download")
+        return dataclasses.replace(PRESETS[self.preset], **{k: getattr(self, k) for k in fields
+                                                             if getattr(self, k) is not None})
+
+
 class LearningSettings(_Strict):
     """Everything that determines what a run learns (besides the model and the data): the same
     for the simulation and the distributed runtime, and sent to every agent when it joins."""
@@ -136,6 +180,7 @@ class LearningSettings(_Strict):
     split: SplitSettings = Field(default_factory=SplitSettings)
     lora: LoraSettings = Field(default_factory=LoraSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
+    compression: CompressionSettings = Field(default_factory=CompressionSettings)
 
 
 class RuntimeSettings(_Strict):

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 from .aggregation import fedavg, server_step
+from .compression import Downlink, StepCodec, Uplink, aggregate, payload_bytes
 from .config import LearningSettings
 from .data import Batch, BatchStream, Example, collate
 from .messages import ADAPTER_DOWN, ADAPTER_UP, KINDS
@@ -76,10 +77,6 @@ def heldout_losses(evaluate: Callable[[Batch], tuple[float, int]],
     return per, total_loss / max(total_tokens, 1)
 
 
-def _state_bytes(state: dict[str, torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in state.values())
-
-
 def simulate(model: torch.nn.Module, sites: Sequence[SiteData], settings: LearningSettings,
              pad_id: int, on_round: Callable[[RoundMetrics], None] | None = None) -> SimulationResult:
     """Train `model` split between len(sites) simulated sites and one server; see module doc."""
@@ -103,25 +100,35 @@ def simulate(model: torch.nn.Module, sites: Sequence[SiteData], settings: Learni
         return metrics
 
     history = [evaluate_round(0, {}, {}, {}, time.perf_counter())]
+    pipes = settings.compression.pipelines()
+    codec, downlink = StepCodec(pipes), Downlink(pipes.download)
+    uplinks = [Uplink(pipes.upload) for _ in sites]
     for r in range(1, train.rounds + 1):
         started = time.perf_counter()
         sent = dict.fromkeys(KINDS, 0)
-        sent[ADAPTER_DOWN] = _state_bytes(site_adapter) * len(sites)
+        # as the coordinator does: a delta when the agents hold the last copy, else in full
+        delta = downlink.advance(site_adapter)
+        sent[ADAPTER_DOWN] = len(sites) * (payload_bytes(downlink.shared, pipes.full_download) if delta is None
+                                           else payload_bytes(delta, pipes.download))
+        base = downlink.shared
         for part in parts:
-            part.load_adapter(site_adapter)
+            part.load_adapter(base)
         losses = {s.name: 0.0 for s in sites}
         tokens = {s.name: 0 for s in sites}
         for _ in range(train.steps):
             for i, (site, part) in enumerate(zip(sites, parts)):
-                result = split_step(part, server, next(streams[i]), key=i)
+                result = split_step(part, server, next(streams[i]), key=i, codec=codec)
                 losses[site.name] += result.loss / train.steps
                 tokens[site.name] += result.tokens
                 for kind, n in result.bytes.items():
                     sent[kind] += n
-        uploads = [part.adapter() for part in parts]
-        sent[ADAPTER_UP] = sum(_state_bytes(u) for u in uploads)
-        site_adapter = server_step(site_adapter, fedavg(uploads, [tokens[s.name] for s in sites]),
-                                   train.server_lr)
+        deltas = []
+        for part, uplink in zip(parts, uplinks):
+            send, decoded = uplink.delta(part.adapter(), base)
+            sent[ADAPTER_UP] += payload_bytes(send, pipes.upload)
+            deltas.append(decoded)
+        site_adapter = aggregate(site_adapter, deltas, [tokens[s.name] for s in sites], fedavg,
+                                 server_step, train.server_lr)
         history.append(evaluate_round(r, losses, tokens, sent, started))
     return SimulationResult(history, site_adapter, server.adapter(),
                             {"cut": cut.model_dump(mode="json"), "sites": [s.name for s in sites]})

@@ -19,6 +19,7 @@ from .config import Cut, LoraSettings, SplitMode
 from .data import Batch
 from .lora import adapter_state, attach, load_adapter_state
 from .errors import ProtocolError
+from .compression import StepCodec
 from .messages import ActivationDown, ActivationUp, GradientDown, GradientUp, check_hidden
 from .split import causal_lm_loss, discover, drop_blocks, embed, finish, positions, run_blocks
 
@@ -168,12 +169,18 @@ class StepResult:
     bytes: dict[str, int] = field(default_factory=dict)  # per message kind, as sent
 
 
-def split_step(site: SitePart, server: ServerPart, batch: Batch, key: object = 0) -> StepResult:
-    """One training step across the cut, in process: the reference the runtime must equal."""
+def split_step(site: SitePart, server: ServerPart, batch: Batch, key: object = 0,
+               codec: StepCodec | None = None) -> StepResult:
+    """One training step across the cut, in process: the reference the runtime must equal.
+    With a `codec`, every message is what its receiver decodes from the wire."""
     sent: dict[str, int] = {}
 
     def hop(message):
-        sent[message.kind] = sent.get(message.kind, 0) + message.nbytes()
+        if codec is None:
+            sent[message.kind] = sent.get(message.kind, 0) + message.nbytes()
+            return message
+        message, n = codec.through(message)
+        sent[message.kind] = sent.get(message.kind, 0) + n
         return message
 
     up = hop(site.forward_front(batch))

@@ -12,14 +12,14 @@ from dataclasses import dataclass
 
 import torch
 
+from .compression import LOSSLESS, PRESETS, StepCodec
 from .errors import ProtocolError
 from .messages import ActivationDown, ActivationUp, GradientDown, GradientUp
 from .protocol import Envelope, MessageKind
 
 STEP_MESSAGES = {MessageKind.ACTIVATION_UP: ActivationUp, MessageKind.ACTIVATION_DOWN: ActivationDown,
                  MessageKind.GRADIENT_UP: GradientUp, MessageKind.GRADIENT_DOWN: GradientDown}
-FLOAT_STAGES = ("raw", "shuffle", "zstd")  # lossless baseline; lossy stages come with compression
-INT_STAGES = ("raw", "zstd")
+DEFAULT_CODEC = StepCodec(PRESETS["lossless"])
 
 
 @dataclass(frozen=True)
@@ -39,11 +39,11 @@ def raw_bytes(env: Envelope) -> int:
     return sum(t.meta.nbytes for t in env.tensors)
 
 
-def step_envelope(message, at: Address) -> Envelope:
-    """Wrap a step message (ActivationUp, ...) for the wire."""
+def step_envelope(message, at: Address, codec: StepCodec = DEFAULT_CODEC) -> Envelope:
+    """Wrap a step message (ActivationUp, ...) for the wire, compressed as `codec` says."""
     env = Envelope(kind_of(message), at.run, at.agent, at.round, at.step)
     for name, t in message.tensors().items():
-        env.add_tensor(name, t, FLOAT_STAGES if t.is_floating_point() else INT_STAGES)
+        env.add_tensor(name, t, codec.stages(message.kind, t))
     loss = getattr(message, "loss", None)
     if loss is not None:
         env.meta["loss"] = float(loss)
@@ -84,10 +84,10 @@ def meta_number(meta: dict, key: str, kind: type, minimum: float | None = None):
 
 
 def adapter_envelope(kind: MessageKind, state: dict[str, torch.Tensor], at: Address,
-                     meta: dict | None = None) -> Envelope:
+                     meta: dict | None = None, stages: tuple[str, ...] = LOSSLESS) -> Envelope:
     env = Envelope(kind, at.run, at.agent, at.round, at.step, meta=dict(meta or {}))
     for name, t in state.items():
-        env.add_tensor(name, t, FLOAT_STAGES)
+        env.add_tensor(name, t, stages)
     return env
 
 

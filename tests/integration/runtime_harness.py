@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from fsl_edge.cli.federation import Federation, prepare
-from fsl_edge.config import LoraSettings, RuntimeSettings, SplitMode, SplitSettings, TrainSettings
+from fsl_edge.config import CompressionSettings, LoraSettings, RuntimeSettings, SplitMode, SplitSettings, TrainSettings
 from fsl_edge.coordinator.settings import CoordinatorSettings
 from fsl_edge.data import pad_id_of
 from fsl_edge.evaluate import load_result
@@ -27,13 +27,14 @@ SITES = ("circulatory", "neoplasms")
 
 def federation(tmp_path: Path, broker_url: str, sites=SITES, rounds: int = 2, steps: int = 3,
                mode: SplitMode = SplitMode.U_SHAPE, min_agents: int | None = None,
-               run_id: str = "test") -> Federation:
+               run_id: str = "test", compression: str = "lossless") -> Federation:
     data = tmp_path / "data"
     if not (data / "manifest.json").exists():
         build_icd10(data, chapters=sites, per_site=40, heldout=4)
     training = LearningSettings(
         split=SplitSettings(mode=mode), lora=LoraSettings(rank=4),
-        train=TrainSettings(rounds=rounds, steps=steps, batch_size=4, max_len=32, lr=1e-2))
+        train=TrainSettings(rounds=rounds, steps=steps, batch_size=4, max_len=32, lr=1e-2),
+        compression=CompressionSettings(preset=compression))
     settings = CoordinatorSettings(
         model=MODEL, training=training, status_port=0,
         runtime=RuntimeSettings(run_id=run_id, broker=broker_url, heartbeat_s=0.5,

@@ -23,7 +23,7 @@ from fsl_edge.messages import (
     KINDS,
 )
 from fsl_edge.runs import run_simulation, summary
-from fsl_edge.config import LearningSettings
+from fsl_edge.config import CompressionSettings, LearningSettings
 from fsl_edge.simulation import SiteData, simulate
 from fsl_edge.step import SitePart
 from fsl_edge.tiny import tiny_model, tiny_tokenizer
@@ -33,6 +33,7 @@ C = 32  # hidden size of the tiny models
 SETTINGS = LearningSettings(
     lora=LoraSettings(rank=RANK, alpha=8),
     train=TrainSettings(lr=1e-2, batch_size=B, max_len=64, rounds=ROUNDS, steps=STEPS, seed=0),
+    compression=CompressionSettings(preset="none"),  # plain fp32: bytes are the tensors' sizes
 )
 # Each site's texts have one fixed length, so every batch of that site is (B, T) with T known:
 # the byte-level tiny tokenizer gives one token per character, plus the eos.
@@ -61,15 +62,21 @@ def run(seed: int = 0, record=None):
 def recorded():
     """One run, with every fedavg call and every on_round callback recorded."""
     calls, rounds = [], []
-    real = simulation.fedavg
+    real, real_aggregate = simulation.fedavg, simulation.aggregate
 
     def recording_fedavg(states, weights):
         out = real(states, weights)
         calls.append(([copy.deepcopy(s) for s in states], list(weights), out))
         return out
 
+    def recording_aggregate(global_, *args):
+        out = real_aggregate(global_, *args)
+        calls[-1] += (copy.deepcopy(global_), out)
+        return out
+
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(simulation, "fedavg", recording_fedavg)
+        mp.setattr(simulation, "aggregate", recording_aggregate)
         result = run(record=rounds.append)
     return result, calls, rounds
 
@@ -127,19 +134,20 @@ def test_bytes_per_kind_match_the_tensor_shapes(recorded):
         assert r.bytes == expected
 
 
-def test_the_site_adapter_is_the_token_weighted_fedavg_of_the_uploads(recorded):
+def test_the_site_adapter_moves_by_the_token_weighted_mean_of_the_uploaded_deltas(recorded):
     result, calls, _ = recorded
     assert len(calls) == ROUNDS
     keys = set(SitePart(tiny_model("llama"), SplitSettings().cut(6), SETTINGS.lora, 1e-3).adapter())
-    for (uploads, weights, _), r in zip(calls, result.rounds[1:]):
+    for (deltas, weights, mean, before, after), r in zip(calls, result.rounds[1:]):
         assert weights == [r.tokens[name] for name in TEMPLATES]
-        assert all(set(u) == keys for u in uploads)
-        assert not torch.equal(*(u[next(iter(keys))] for u in uploads))  # the sites did differ
-    uploads, weights, _ = calls[-1]
+        assert all(set(u) == keys for u in deltas)
+        assert not torch.equal(*(u[next(iter(keys))] for u in deltas))  # the sites did differ
+        for k in keys:
+            by_hand = sum(u[k].double() * w for u, w in zip(deltas, weights)) / sum(weights)
+            assert torch.allclose(mean[k].double(), by_hand, atol=1e-9), k
+            assert torch.equal(after[k], before[k] + mean[k]), k  # server lr 1: FedAvg
     assert set(result.site_adapter) == keys
-    for k, v in result.site_adapter.items():
-        by_hand = sum(u[k].double() * w for u, w in zip(uploads, weights)) / sum(weights)
-        assert torch.allclose(v.double(), by_hand, atol=1e-7), k
+    assert all(torch.equal(v, calls[-1][4][k]) for k, v in result.site_adapter.items())
 
 
 def test_each_side_holds_only_its_own_blocks(recorded):
