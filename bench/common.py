@@ -38,3 +38,15 @@ def write_section(path: Path, key: str, title: str, body: str) -> None:
     text = pattern.sub(lambda _: section, text) if pattern.search(text) else \
         text.rstrip("\n") + "\n\n" + section + "\n"
     write_atomic(path, text)
+
+
+def report(key: str, title: str, lines: list[str], script: str, write: bool) -> None:
+    """Print a section (its lines, then the machine and the command that made it) and, unless
+    told not to, write it into BENCHMARKS.md."""
+    import sys
+
+    body = "\n".join([*lines, f"- Machine: {machine()}.",
+                      f"- Command: `{' '.join([f'.venv/bin/python bench/{script}', *sys.argv[1:]])}`."])
+    print(body)
+    if write:
+        write_section(Path(__file__).resolve().parent.parent / "BENCHMARKS.md", key, title, body)

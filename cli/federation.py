@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,17 +36,22 @@ class Federation:
     broker: BrokerProcess | None = None
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     status_url: str = ""
+    agent_wrap: Callable[[list[str]], list[str]] | None = None
+    """Runs each agent inside something (a network namespace: `ip netns exec ...`)."""
+    agent_broker: str | None = None
+    """The broker's address as the agents reach it, when not the coordinator's."""
 
     @property
     def checkpoint_dir(self) -> Path:
         return self.settings.checkpoint_dir
 
-    def _spawn(self, name: str, args: list[str]) -> None:
+    def _spawn(self, name: str, args: list[str], wrap=None) -> None:
         logs = self.workdir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
+        argv = [sys.executable, "-m", "fsl_edge.cli.app", *args]
         with open(logs / f"{name}.log", "ab") as log:
             self.processes[name] = subprocess.Popen(
-                [sys.executable, "-m", "fsl_edge.cli.app", *args], stdout=log,
+                wrap(argv) if wrap else argv, stdout=log,
                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env={"OMP_NUM_THREADS": str(self.threads), **os.environ, "PYTHONUNBUFFERED": "1"})
 
@@ -73,8 +79,8 @@ class Federation:
         rt = self.settings.runtime
         self._spawn(f"agent-{name}", [
             "agent", "--id", name, "--data", str(site_files(self.data_dir)[name][0]),
-            "--broker", rt.broker, "--run-id", rt.run_id,
-            "--workdir", str(self.workdir / "agents" / name)])
+            "--broker", self.agent_broker or rt.broker, "--run-id", rt.run_id,
+            "--workdir", str(self.workdir / "agents" / name)], self.agent_wrap)
 
     def status(self) -> Status | None:
         """The coordinator's status, or None while it is not serving yet."""

@@ -9,7 +9,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from fsl_edge.config import LearningSettings, LoraSettings, SplitMode, SplitSettings, TrainSettings
+from fsl_edge.config import (CompressionSettings, LearningSettings, LoraSettings, Preset,
+                             SplitMode, SplitSettings, TrainSettings)
 
 
 def simulate(
@@ -27,6 +28,7 @@ def simulate(
     max_len: Annotated[int, typer.Option(help="Tokens per sample.")] = 48,
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-3,
     seed: Annotated[int, typer.Option(help="Seed for everything.")] = 0,
+    compression: Annotated[Preset, typer.Option(help="What travels on the wire: none (fp32), lossless, balanced (about 10x fewer bytes), aggressive; see BENCHMARKS.md.")] = Preset.LOSSLESS,
 ) -> None:
     """Simulate split federated LoRA training in one process and report held-out loss."""
     from fsl_edge.runs import run_simulation, summary  # torch: only when the command runs
@@ -35,7 +37,8 @@ def simulate(
     settings = LearningSettings(
         split=SplitSettings(mode=mode, front=front, back=back), lora=LoraSettings(rank=rank),
         train=TrainSettings(lr=lr, batch_size=batch_size, max_len=max_len, rounds=rounds,
-                            steps=steps, seed=seed))
+                            steps=steps, seed=seed),
+        compression=CompressionSettings(preset=compression))
     table = Table("round", "train loss", "held-out loss", "tokens", "MiB sent", "s")
 
     def on_loaded(loaded, site_data):

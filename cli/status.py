@@ -146,10 +146,11 @@ def traffic_table(s: Status) -> Table:
 
 def history_table(s: Status) -> Table:
     table = _table(f"last {HISTORY_ROWS} rounds", "round", "participants", "train loss",
-                   "held-out loss", "s", text=2)
+                   "held-out loss", "s", "MiB", "ratio", text=2)
     for r in s.history[-HISTORY_ROWS:]:
+        ratio = f"{r.raw_bytes / r.wire_bytes:.2f}x" if r.wire_bytes else "-"
         table.add_row(str(r.round), ", ".join(r.participants), _num(r.train_loss),
-                      _num(r.heldout_loss), f"{r.seconds:.1f}")
+                      _num(r.heldout_loss), f"{r.seconds:.1f}", f"{r.wire_bytes / MIB:.2f}", ratio)
     return table
 
 

@@ -11,8 +11,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from fsl_edge.config import (LearningSettings, LoraSettings, RuntimeSettings, SplitMode,
-                             SplitSettings, TrainSettings)
+from fsl_edge.config import (CompressionSettings, LearningSettings, LoraSettings, Preset,
+                             RuntimeSettings, SplitMode, SplitSettings, TrainSettings)
 from fsl_edge.coordinator.settings import CoordinatorSettings
 from fsl_edge.errors import ConfigError
 
@@ -34,6 +34,7 @@ def up(
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-3,
     eval_samples: Annotated[int, typer.Option(help="Held-out samples per site for before/after.")] = 32,
     seed: Annotated[int, typer.Option(help="Seed for everything.")] = 0,
+    compression: Annotated[Preset, typer.Option(help="What travels on the wire: none (fp32), lossless, balanced (about 10x fewer bytes), aggressive; see BENCHMARKS.md.")] = Preset.LOSSLESS,
 ) -> None:
     """Run a federation on this machine: broker, coordinator and agents, then a summary."""
     from fsl_edge.runs import ensure_demo_data
@@ -48,7 +49,8 @@ def up(
     training = LearningSettings(
         split=SplitSettings(mode=mode), lora=LoraSettings(),
         train=TrainSettings(rounds=rounds, steps=steps, batch_size=batch_size, max_len=max_len,
-                            lr=lr, seed=seed))
+                            lr=lr, seed=seed),
+        compression=CompressionSettings(preset=compression))
     settings = CoordinatorSettings(model=model, training=training, runtime=RuntimeSettings(
         run_id=f"up-{int(time.time())}", resend_s=30.0, offline_after_s=60.0), status_port=0)
     fed = prepare(workdir, settings, names[:agents], data_dir, broker, embedded)

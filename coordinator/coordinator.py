@@ -71,6 +71,7 @@ class Coordinator:
         self.round, self.active, self.attempts, self.attempt = 0, False, 0, ""
         self.members: set[str] = set()  # agents still in the active round
         self.uploads: dict[str, Upload] = {}
+        self.round_traffic: dict[str, Traffic] = {}
         self.round_started = 0.0
         self.start_msg: Envelope | None = None
         self.start_full: Envelope | None = None  # the same start with the adapter in full
@@ -163,8 +164,7 @@ class Coordinator:
         st.last_seen, self.heard[agent] = time.time(), received.received_at
         if st.state == "offline" and env.kind is not MessageKind.HELLO:
             st.state = "online"
-        st.traffic.setdefault(env.kind.name.lower(), Traffic()).add(received.size, raw_bytes(env))
-        self.status.traffic.setdefault(env.kind.name.lower(), Traffic()).add(received.size, raw_bytes(env))
+        self.count(agent, env, received.size)
         try:
             if env.kind is MessageKind.HELLO:
                 self.on_hello(agent, env)
@@ -182,11 +182,16 @@ class Coordinator:
         log.warning("dropped a message from %s (%s): %s", agent, reason, detail)
 
     def send(self, agent: str, env: Envelope) -> None:
-        size = self.link.publish(protocol.topic_down(self.run_id, agent), env)
-        kind = env.kind.name.lower()
-        self.status.traffic.setdefault(kind, Traffic()).add(size, raw_bytes(env))
+        self.count(agent, env, self.link.publish(protocol.topic_down(self.run_id, agent), env))
+
+    def count(self, agent: str, env: Envelope, size: int) -> None:
+        """Bytes on the wire and their uncompressed equivalent: run, agent and round totals."""
+        kind, raw = env.kind.name.lower(), raw_bytes(env)
+        books = [self.status.traffic, self.round_traffic]
         if agent in self.status.agents:
-            self.status.agents[agent].traffic.setdefault(kind, Traffic()).add(size, raw_bytes(env))
+            books.append(self.status.agents[agent].traffic)
+        for book in books:
+            book.setdefault(kind, Traffic()).add(size, raw)
 
     def on_hello(self, agent: str, env: Envelope) -> None:
         if self.active and agent in self.members and agent not in self.uploads \
@@ -273,7 +278,7 @@ class Coordinator:
         self.round += 1
         self.attempts += 1
         self.attempt = f"{self.incarnation}-{self.attempts}"
-        self.active, self.members, self.uploads = True, set(agents), {}
+        self.active, self.members, self.uploads, self.round_traffic = True, set(agents), {}, {}
         self.round_started = time.monotonic()
         # to undo the trunk's steps if the round is abandoned: agents replay it from its start
         self.trunk_snapshot = (self.trunk.adapter(), copy.deepcopy(self.trunk.optimizer.state_dict()),
@@ -313,7 +318,7 @@ class Coordinator:
         self.status.history.append(RoundRecord(
             round=self.round, participants=names, tokens=tokens,
             train_loss=sum(self.uploads[a].loss * self.uploads[a].tokens for a in names) / tokens,
-            seconds=time.monotonic() - self.round_started))
+            seconds=time.monotonic() - self.round_started, traffic=self.round_traffic))
         for a in names:
             self.status.agents[a].rounds_contributed += 1
         checkpoint.save(self.settings.checkpoint_dir, self.round, self.site_adapter, self.trunk,

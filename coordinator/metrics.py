@@ -136,12 +136,16 @@ def _history_families(s: Status) -> list[Family]:
     seconds = Family("round_seconds", "gauge", "Wall time of the last finished round.")
     train = Family("train_loss", "gauge", "Mean training loss of the last round that reported one.")
     heldout = Family("heldout_loss", "gauge", "Held-out loss of the last round that measured one.")
+    wire = Family("round_payload_bytes", "gauge", "Payload bytes of the last finished round, all kinds.")
+    raw = Family("round_raw_bytes", "gauge", "The same round's tensors uncompressed.")
     if s.history:
         seconds.add(s.history[-1].seconds)
+        wire.add(s.history[-1].wire_bytes)
+        raw.add(s.history[-1].raw_bytes)
     # Held-out loss may be measured only every few rounds: report the last known value.
     train.add(next((r.train_loss for r in reversed(s.history) if r.train_loss is not None), None))
     heldout.add(next((r.heldout_loss for r in reversed(s.history) if r.heldout_loss is not None), None))
-    return [seconds, train, heldout]
+    return [seconds, train, heldout, wire, raw]
 
 
 def render_status(s: Status) -> str:

@@ -91,14 +91,18 @@ class RandTopk(TensorStage):
         out = torch.where(mask, flat, torch.zeros((), dtype=t.dtype))
         if self.p > 0 and keep < n:
             lucky = (torch.rand(n, generator=_generator(t)) < self.p) & ~mask
-            out = torch.where(lucky, flat / self.p, out)
+            # scaled in float32 and kept finite: 1/p can push a half-precision value past its max
+            big = torch.finfo(t.dtype).max
+            scaled = (flat.float() / self.p).clamp(-big, big).to(t.dtype)
+            out = torch.where(lucky, scaled, out)
         return out.reshape(t.shape)
 
     def decode(self, t: torch.Tensor, target: Layout) -> torch.Tensor:
         return t
 
 
-_HEADER = struct.Struct("<BBHI")  # bits, scale dtype code, block, outlier channels
+_HEADER = struct.Struct("<BBHI")  # bits, outlier precision (0 fp16, 1 fp32), block, outliers
+FP16_MAX = torch.finfo(torch.float16).max
 
 
 @register_stage
@@ -132,6 +136,8 @@ class QBlock(Serialiser):
         if not t.is_floating_point():
             raise self.fail(f"quantises floating-point tensors only, not {t.dtype}")
         x = t.detach().float()
+        if not torch.isfinite(x).all():
+            raise self.fail("cannot quantise non-finite values")
         channels = x.shape[-1] if x.dim() else 1
         rows = x.reshape(-1, channels) if x.numel() else x.reshape(0, channels)
         n_out = min(self.outliers, channels) if rows.shape[0] else 0
@@ -139,7 +145,9 @@ class QBlock(Serialiser):
         kept = torch.zeros(0, dtype=torch.float16)
         if n_out:
             ids = rows.abs().amax(0).topk(n_out).indices.sort().values.to(torch.int32)
-            kept = rows[:, ids.long()].to(torch.float16)
+            kept = rows[:, ids.long()]
+            # fp16 where it holds them; float32 for outliers beyond its range (code 1)
+            kept = kept.to(torch.float16) if kept.abs().max() <= FP16_MAX else kept
             rows = rows.clone()
             rows[:, ids.long()] = 0
         flat = rows.reshape(-1)
@@ -157,7 +165,8 @@ class QBlock(Serialiser):
         if self.bits == 4:
             nib = (codes + 8).to(torch.uint8).reshape(-1, 2)
             codes = (nib[:, 0] | (nib[:, 1] << 4))
-        return b"".join((_HEADER.pack(self.bits, 0, self.block, n_out), ids.numpy().tobytes(),
+        code = 0 if kept.dtype == torch.float16 else 1
+        return b"".join((_HEADER.pack(self.bits, code, self.block, n_out), ids.numpy().tobytes(),
                          kept.numpy().tobytes(), scale.view(torch.int16).numpy().tobytes(),
                          codes.numpy().tobytes()))
 
@@ -169,7 +178,10 @@ class QBlock(Serialiser):
             raise self.fail(f"{numel} elements exceed the limit of {max_bytes} bytes")
         if len(data) < _HEADER.size:
             raise self.fail(f"payload of {len(data)} bytes is shorter than the header")
-        bits, _, block, n_out = _HEADER.unpack_from(data)
+        bits, code, block, n_out = _HEADER.unpack_from(data)
+        if code not in (0, 1):
+            raise self.fail(f"unknown outlier precision code {code}")
+        outlier = "<f2" if code == 0 else "<f4"
         if (bits, block) != (self.bits, self.block):
             raise self.fail(f"payload says bits={bits}, block={block}; the spec says "
                             f"bits={self.bits}, block={self.block}")
@@ -179,7 +191,8 @@ class QBlock(Serialiser):
             raise self.fail(f"{n_out} outlier channels in a tensor of {channels} channels")
         n_blocks = -(-numel // block)
         code_bytes = n_blocks * block * (1 if bits == 8 else 0.5)
-        expected = _HEADER.size + 4 * n_out + 2 * n_out * n_rows + 2 * n_blocks + int(code_bytes)
+        expected = _HEADER.size + 4 * n_out + (2 + 2 * code) * n_out * n_rows + 2 * n_blocks \
+            + int(code_bytes)
         if len(data) != expected:
             raise self.fail(f"payload has {len(data)} bytes, {layout.shape} with {n_out} outlier "
                             f"channels needs {expected}")
@@ -193,7 +206,7 @@ class QBlock(Serialiser):
             return arr
 
         ids = torch.from_numpy(take(n_out, "<i4").astype(np.int64))
-        kept = torch.from_numpy(take(n_out * n_rows, "<f2").astype(np.float32))
+        kept = torch.from_numpy(take(n_out * n_rows, outlier).astype(np.float32))
         scale = torch.from_numpy(take(n_blocks, "<i2").copy()).view(torch.bfloat16).float()
         raw = torch.from_numpy(take(int(code_bytes), "u1").copy())
         if bits == 4:
@@ -210,4 +223,7 @@ class QBlock(Serialiser):
         if n_out:
             x = x.reshape(n_rows, channels)
             x[:, ids] = kept.reshape(n_rows, n_out)
-        return x.reshape(layout.shape).to(DTYPES[layout.dtype][0])
+        # the bf16 scale is rounded up, so a value at the dtype's very max may decode a step past it
+        dtype = DTYPES[layout.dtype][0]
+        big = torch.finfo(dtype).max
+        return x.reshape(layout.shape).clamp(-big, big).to(dtype)

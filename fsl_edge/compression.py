@@ -18,6 +18,7 @@ import torch
 
 from .codec import STAGES, build_pipeline, decode_tensor, encode_tensor
 from .errors import CodecError
+from .protocol import Limits
 
 State = dict[str, torch.Tensor]
 
@@ -63,7 +64,7 @@ PRESETS: dict[str, Pipelines] = {
 
 def is_lossless(stages: tuple[str, ...]) -> bool:
     """Whether a pipeline gives back exactly what it was given (no cast, quantiser or top-k)."""
-    return all(getattr(STAGES[s.partition(":")[0]], "lossless", False) for s in stages)
+    return all(getattr(STAGES.get(s.partition(":")[0]), "lossless", False) for s in stages)
 
 
 def check_pipeline(stages: tuple[str, ...], what: str) -> tuple[str, ...]:
@@ -78,7 +79,8 @@ def check_pipeline(stages: tuple[str, ...], what: str) -> tuple[str, ...]:
 def roundtrip(t: torch.Tensor, stages: tuple[str, ...]) -> tuple[torch.Tensor, int]:
     """What the receiver decodes from `t`, and the bytes it cost on the wire."""
     data, meta = encode_tensor(t, stages)
-    return decode_tensor(data, meta, max(meta.nbytes, 1) * 2), len(data)
+    # the receiver's limit: a serialiser's header and padding may outweigh a tiny tensor
+    return decode_tensor(data, meta, Limits().max_tensor_bytes), len(data)
 
 
 def payload_bytes(state: State, stages: tuple[str, ...]) -> int:
@@ -99,7 +101,7 @@ class Uplink:
         send, decoded = {}, {}
         for k in local:
             send[k] = local[k] - base[k] + self.residual.get(k, 0)
-            decoded[k] = send[k] if self.lossless else roundtrip(send[k], self.stages)[0]
+            decoded[k] = send[k].clone() if self.lossless else roundtrip(send[k], self.stages)[0]
             self.residual[k] = send[k] - decoded[k]
         return send, decoded
 

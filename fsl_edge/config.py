@@ -129,6 +129,15 @@ class TrainSettings(_Strict):
     """Seeds adapter init, shuffling and every RNG, so runs are reproducible."""
 
 
+class Preset(str, Enum):
+    """Named compressions; their pipelines are in `fsl_edge.compression.PRESETS`."""
+
+    NONE = "none"
+    LOSSLESS = "lossless"
+    BALANCED = "balanced"
+    AGGRESSIVE = "aggressive"
+
+
 class CompressionSettings(_Strict):
     """What travels on the wire: a named preset, and per-kind pipelines that override it.
 
@@ -137,7 +146,7 @@ class CompressionSettings(_Strict):
     receiver needs nothing else to decode.
     """
 
-    preset: str = "lossless"
+    preset: Preset = Preset.LOSSLESS
     """none (fp32), lossless (shuffle+zstd), balanced (int4 steps, top-k adapter deltas) or
     aggressive; measured ratios and quality costs are in BENCHMARKS.md."""
     activations: tuple[str, ...] | None = None
@@ -150,14 +159,6 @@ class CompressionSettings(_Strict):
     download: tuple[str, ...] | None = None
     """Pipeline for the site adapter deltas sent to the agents; None takes the preset's."""
 
-    @field_validator("preset")
-    @classmethod
-    def _known_preset(cls, v: str) -> str:
-        from .compression import PRESETS
-        if v not in PRESETS:
-            raise ValueError(f"unknown compression preset {v!r} (known: {', '.join(PRESETS)})")
-        return v
-
     @field_validator("activations", "gradients", "upload", "download")
     @classmethod
     def _valid_pipeline(cls, v, info):
@@ -169,7 +170,7 @@ class CompressionSettings(_Strict):
         from .compression import PRESETS
         import dataclasses
         fields = ("activations", "gradients", "upload", "download")
-        return dataclasses.replace(PRESETS[self.preset], **{k: getattr(self, k) for k in fields
+        return dataclasses.replace(PRESETS[self.preset.value], **{k: getattr(self, k) for k in fields
                                                              if getattr(self, k) is not None})
 
 

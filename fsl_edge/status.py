@@ -47,6 +47,18 @@ class RoundRecord(BaseModel):
     heldout_loss: float | None = None
     tokens: int = 0
     seconds: float = 0.0
+    traffic: dict[str, Traffic] = Field(default_factory=dict)
+    """Per message kind, every agent, from this round's start to its close."""
+
+    @computed_field
+    @property
+    def wire_bytes(self) -> int:
+        return sum(t.bytes for t in self.traffic.values())
+
+    @computed_field
+    @property
+    def raw_bytes(self) -> int:
+        return sum(t.raw_bytes for t in self.traffic.values())
 
 
 class Status(BaseModel):

@@ -42,6 +42,11 @@ def test_a_compressed_run_equals_the_compressed_simulation(tmp_path, mosquitto_s
     for kind in ("activation_up", "activation_down", "gradient_up", "gradient_down"):
         t = status.traffic[kind]
         assert t.raw_bytes > 3 * t.bytes, (kind, t)
+    # byte accounting per round: every round moved compressed bytes, and the rounds add up to
+    # no more than the run's total (HELLOs and the last ROUND_END fall between rounds)
+    assert all(r.raw_bytes > 3 * r.wire_bytes > 0 for r in status.history)
+    for kind, t in status.traffic.items():
+        assert sum(r.traffic[kind].bytes for r in status.history if kind in r.traffic) <= t.bytes
     # the tiny model's adapter tensors are so small that their names weigh as much as their values
     assert status.traffic["adapter_up"].bytes < status.traffic["adapter_up"].raw_bytes
     assert_matches_simulation(fed)
