@@ -136,12 +136,14 @@ def test_a_failed_setup_leaves_nothing_behind(monkeypatch):
         raise ShapingUnavailable(f"cannot {what}: Specified qdisc kind is unknown.")
 
     monkeypatch.setattr(netshape, "_tc", no_qdiscs)  # fails after the namespace and veth exist
+    # a suffix no random hex suffix (another link's) can contain
+    monkeypatch.setattr(netshape.secrets, "token_hex", lambda n: "zzzzzz")
     with pytest.raises(ShapingUnavailable, match="cannot shape the host end with tbf"):
         with shaped_link(name="fslf"):
             pass
     namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
-    assert "fslf-" not in namespaces and "fslf" not in links
+    assert "zzzzzz" not in namespaces and "zzzzzz" not in links
 
 
 def test_unavailable_names_the_reason(monkeypatch):
