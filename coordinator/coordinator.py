@@ -207,15 +207,16 @@ class Coordinator:
             "model": self.settings.model, "incarnation": self.incarnation,
             "timing": self.settings.runtime.timing(),
             "training": self.settings.training.model_dump(mode="json")}))
-        self.instruct(agent)
+        self.instruct(agent, full=True)  # (re)introduced or asking to resync: no copy to build on
 
-    def instruct(self, agent: str) -> None:
-        """Send an agent what it should be doing now (again: it asked, so it lost it)."""
+    def instruct(self, agent: str, full: bool = False) -> None:
+        """Send an agent what it should be doing now (again: it asked, so it lost it). `full`:
+        the round's adapter in full, for an agent that does not hold the copy the delta needs."""
         if self.finished:
             self.send(agent, Envelope(MessageKind.ROUND_END, self.run_id, agent, self.round,
                                       meta={"finished": True}))
         elif self.active and agent in self.members and agent not in self.uploads:
-            self.send(agent, self.start_full)  # it asked again: it may not hold the last copy
+            self.send(agent, self.start_full if full else self.start_msg)
 
     def on_step(self, agent: str, env: Envelope) -> None:
         # the content is checked first, whatever the round: a bad tensor is refused as such
@@ -237,8 +238,9 @@ class Coordinator:
                 or agent in self.uploads or env.meta.get("attempt") != self.attempt:
             return self.instruct(agent)  # a resend, or from an agent the round left behind
         if env.meta.get("version") != self.version:
-            raise ProtocolError(f"adapter delta against copy {env.meta.get('version')!r}, "
-                                f"this round's is {self.version!r}")
+            self.reject("malformed", agent, f"adapter delta against copy "
+                        f"{env.meta.get('version')!r}, this round's is {self.version!r}")
+            return self.instruct(agent, full=True)  # it trained from another copy: redo it
         state = adapter_state(env, self.site_adapter, protocol.Limits().max_tensor_bytes)
         tokens = meta_number(env.meta, "tokens", int, minimum=1)
         loss = meta_number(env.meta, "loss", float)

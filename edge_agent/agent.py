@@ -109,8 +109,10 @@ class Agent:
                 break
             log.info("%s: round %d sent a delta against a copy it does not hold; asking for it "
                      "in full", self.me, start.round)
-            start = self.request(self.hello(resync=True), {MessageKind.ROUND_START}, start.round,
-                                 interruptible=False)
+            got = self.request(self.hello(resync=True), {MessageKind.ROUND_START})
+            if got.round != start.round or got.meta.get("attempt") != start.meta.get("attempt"):
+                raise Interrupted(got)  # the round moved on meanwhile: start over from that
+            start = got
         self.version = start.meta.get("version")
         return start
 
@@ -171,7 +173,9 @@ class Agent:
         if self.snapshot and self.snapshot.round == r:
             # the round is repeated: rewind to its start
             self.snapshot.restore(part, stream)
-            self.shared, self.version, self.uplink.residual = self.snapshot.sync
+            shared, self.version, residual = self.snapshot.sync
+            # copies: this attempt must not change what a further repeat rewinds to
+            self.shared, self.uplink.residual = shared and dict(shared), dict(residual)
         else:
             self.snapshot = state.RoundSnapshot.take(r, part, stream)
             self.snapshot.sync = (self.shared, self.version, dict(self.uplink.residual))

@@ -49,6 +49,10 @@ class Cast(TensorStage):
     def encode(self, t: torch.Tensor) -> torch.Tensor:
         if not t.is_floating_point():
             raise self.fail(f"casts floating-point tensors only, not {t.dtype}")
+        # saturate rather than overflow to inf, which every receiver would refuse
+        big = torch.finfo(DTYPES[self.to][0]).max
+        if torch.finfo(t.dtype).max > big:
+            t = t.clamp(-big, big)
         return t.to(DTYPES[self.to][0])
 
     def decode(self, t: torch.Tensor, target: Layout) -> torch.Tensor:

@@ -446,3 +446,10 @@ def test_qblock_refuses_non_finite_input_when_encoding(bad):
     t[1, 2] = bad
     with pytest.raises(CodecError, match="codec stage 'qblock': cannot quantise non-finite"):
         encode_tensor(t, ("qblock:bits=8,block=16",))
+
+
+def test_a_cast_to_half_precision_saturates_instead_of_overflowing():
+    t = torch.tensor([1e6, -1e6, 1.0])
+    data, meta = encode_tensor(t, ("cast:to=float16", "raw"))
+    out = decode_tensor(data, meta, 1 << 20)
+    assert torch.isfinite(out).all() and out[0] == 65504 and out[1] == -65504 and out[2] == 1
