@@ -107,6 +107,7 @@ def mosquitto_broker(workdir: Path, *, max_packet_size: int | None = None, port:
     ]
     if max_packet_size is not None:
         lines.append(f"max_packet_size {max_packet_size}")
+    workdir.mkdir(parents=True, exist_ok=True)
     conf = workdir / f"mosquitto-{port}.conf"
     conf.write_text("\n".join(lines) + "\n")
     return BrokerProcess("mosquitto", [find_mosquitto(), "-c", str(conf)], port, workdir / f"mosquitto-{port}.log",
