@@ -22,6 +22,7 @@ from fsl_edge.aggregation import fedavg, server_step
 from fsl_edge.compression import Downlink, StepCodec, aggregate
 from fsl_edge.errors import CodecError, ProtocolError
 from fsl_edge.protocol import Envelope, MessageKind
+from fsl_edge.simulation import party_options
 from fsl_edge.split import check_parity, discover
 from fsl_edge.status import AgentStatus, RoundRecord, Status, Traffic
 from fsl_edge.step import ServerPart, SitePart
@@ -53,11 +54,13 @@ class Coordinator:
         # every agent starts from, so a distributed run can reproduce a simulated one exactly.
         torch.manual_seed(train.seed)
         self.cut = settings.training.split.cut(discover(model).n_blocks)
+        settings.training.check_prefix(self.cut)
         check_parity(discover(model), (self.cut.a, self.cut.b) if self.cut.b < self.cut.n
                      else (self.cut.a,))
         lora = settings.training.lora
-        self.trunk = ServerPart(copy.deepcopy(model), self.cut, lora, train.lr)
-        self.site_adapter = SitePart(copy.deepcopy(model), self.cut, lora, train.lr).adapter()
+        options = party_options(settings.training)
+        self.trunk = ServerPart(copy.deepcopy(model), self.cut, lora, train.lr, **options)
+        self.site_adapter = SitePart(copy.deepcopy(model), self.cut, lora, train.lr, **options).adapter()
         self.pipes = settings.training.compression.pipelines()
         self.split = SplitServer(self.trunk, self.run_id, StepCodec(self.pipes))
         # the site adapter as the agents hold it; it moves by (compressed) deltas
@@ -79,6 +82,8 @@ class Coordinator:
         ckpt = checkpoint.load(settings.checkpoint_dir, self.trunk, settings.fingerprint())
         if ckpt is not None:
             self.round, self.site_adapter = ckpt.round, ckpt.site_adapter
+            if "selection" in ckpt.state:
+                self.trunk.selector.load_state_dict(ckpt.state["selection"], self.trunk.optimizer)
             self.status.history = [RoundRecord(**h) for h in ckpt.state["history"]]
             # the registry: who contributed what so far; every agent is offline until it says hello
             self.status.agents = {a: AgentStatus(**r) for a, r in ckpt.state["registry"].items()}
@@ -136,6 +141,8 @@ class Coordinator:
 
     def publish_status(self) -> None:
         self.status.updated_at = time.time()
+        self.status.layers = self.trunk.selector.history[-8:]
+        self.status.prefix_store = self.trunk.store.as_dict()
         self.status.rejected = dict(sorted((self.link.rejected_counts() + self.rejected).items()))
         self.published = self.status.model_copy(deep=True)  # read by the HTTP thread
 
@@ -247,6 +254,7 @@ class Coordinator:
         self.uploads[agent] = Upload(state, tokens, loss)
         st = self.status.agents[agent]
         st.state, st.loss, st.tokens = "online", loss, st.tokens + tokens
+        st.layers, st.cache = reported_layers(env.meta), reported_cache(env.meta)
         st.tokens_per_s = tokens / max(time.monotonic() - self.round_started, 1e-6)
 
     def gone(self, agent: str, why: str) -> None:
@@ -284,7 +292,8 @@ class Coordinator:
         self.round_started = time.monotonic()
         # to undo the trunk's steps if the round is abandoned: agents replay it from its start
         self.trunk_snapshot = (self.trunk.adapter(), copy.deepcopy(self.trunk.optimizer.state_dict()),
-                               self.downlink.shared, self.downlink.version)
+                               self.downlink.shared, self.downlink.version,
+                               copy.deepcopy(self.trunk.selector.state_dict()))
         train = self.settings.training.train
         self.split.begin_round(self.round, agents, train.steps)
         base_version = self.version
@@ -304,8 +313,10 @@ class Coordinator:
     def maybe_close(self) -> None:
         if not self.members:
             log.warning("round %d lost every agent; it starts again", self.round)
-            adapter, optimizer, self.downlink.shared, self.downlink.version = self.trunk_snapshot
+            adapter, optimizer, self.downlink.shared, self.downlink.version, selection = \
+                self.trunk_snapshot
             self.trunk.load_adapter(adapter)
+            self.trunk.selector.load_state_dict(selection, self.trunk.optimizer)
             self.trunk.optimizer.load_state_dict(optimizer)
             self.active, self.round = False, self.round - 1
             self.status.round = self.round
@@ -325,6 +336,7 @@ class Coordinator:
             self.status.agents[a].rounds_contributed += 1
         checkpoint.save(self.settings.checkpoint_dir, self.round, self.site_adapter, self.trunk,
                         {"fingerprint": self.settings.fingerprint(),
+                         "selection": self.trunk.selector.state_dict(),
                          "history": [h.model_dump() for h in self.status.history],
                          "registry": {a: {"tokens": st.tokens, "rounds_contributed": st.rounds_contributed,
                                           "loss": st.loss} for a, st in self.status.agents.items()}})
@@ -333,3 +345,20 @@ class Coordinator:
         log.info("round %d closed: %s, %d tokens", self.round, ", ".join(names), tokens)
         if self.round >= self.settings.training.train.rounds:
             self.status.state = "finished"
+
+
+def reported_layers(meta: dict) -> list[tuple[int, list[int]]]:
+    """An agent's layer selection from its upload, kept only if well-formed (it is shown, not used)."""
+    layers = meta.get("layers")
+    ok = isinstance(layers, list) and len(layers) <= 64 and all(
+        isinstance(e, list) and len(e) == 2 and isinstance(e[0], int) and isinstance(e[1], list)
+        and all(isinstance(b, int) for b in e[1]) for e in layers)
+    return [(e[0], e[1]) for e in layers] if ok else []
+
+
+def reported_cache(meta: dict) -> dict[str, float]:
+    cache = meta.get("cache")
+    if not isinstance(cache, dict) or len(cache) > 16:
+        return {}
+    return {k: float(v) for k, v in cache.items() if isinstance(k, str) and
+            isinstance(v, (int, float)) and not isinstance(v, bool)}

@@ -19,6 +19,7 @@ from fsl_edge.compression import StepCodec
 from fsl_edge.config import SplitMode
 from fsl_edge.errors import ProtocolError
 from fsl_edge.messages import ActivationUp, GradientUp
+from fsl_edge.prefix import MissingKeys
 from fsl_edge.protocol import Envelope, MessageKind
 from fsl_edge.step import ServerPart
 from fsl_edge.wire import Address, step_envelope
@@ -94,7 +95,17 @@ class SplitServer:
             if self.buffered.get(agent, (None,))[0] != step:
                 break
             _, up = self.buffered.pop(agent)
-            out = self.part.forward((step, agent), up)
+            try:
+                out = self.part.forward((step, agent), up, site=agent)
+            except MissingKeys:
+                # it sent keys for activations this server no longer holds (restarted, or
+                # dropped them at its bound): ask for them; the answer is not kept, so the
+                # request with the activations is served as new
+                kind = MessageKind.GRADIENT_DOWN if self.part.cut.mode is SplitMode.VANILLA \
+                    else MessageKind.ACTIVATION_DOWN
+                replies.append((agent, Envelope(kind, self.run, agent, self.round, step,
+                                                meta={"need_hidden": True})))
+                break
             kind_in = MessageKind.ACTIVATION_UP
             if self.part.cut.mode is SplitMode.VANILLA:
                 self.part.step()

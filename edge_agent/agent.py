@@ -16,6 +16,7 @@ import time
 from fsl_edge import protocol
 from fsl_edge.compression import StepCodec, Uplink, apply
 from fsl_edge.config import LearningSettings, SplitMode
+from fsl_edge.errors import ProtocolError
 from fsl_edge.data import BatchStream
 from fsl_edge.protocol import Envelope, Flag, MessageKind
 from fsl_edge.step import SitePart
@@ -117,10 +118,18 @@ class Agent:
         return start
 
     def ask(self, env: Envelope, answer: MessageKind, round_: int, step: int):
-        """One hop of a step: send it (tagged with the round's attempt), return the reply."""
-        env.meta["attempt"] = self.attempt  # a reply to an older attempt is never taken for this
-        reply = self.request(env, {answer}, round_, step)
-        return step_message(reply, self.limits.max_tensor_bytes)
+        """One hop of a step: send it (tagged with the round's attempt), return the reply.
+        If the server lost the activations the keys stood for, send them and ask again."""
+        for _ in range(3):
+            env.meta["attempt"] = self.attempt  # a reply to an older attempt is never taken for this
+            reply = self.request(env, {answer}, round_, step)
+            if reply.meta.get("need_hidden") is not True:
+                return step_message(reply, self.limits.max_tensor_bytes)
+            log.info("%s: the server holds no copy of step %d's activations; sending them",
+                     self.me, step)
+            env = step_envelope(self.part.resend_activations(), Address(self.run_id, self.me, round_,
+                                                                      step), self.codec)
+        raise ProtocolError(f"the server keeps asking for step {step}'s activations")
 
     def welcome_timing(self, meta: dict) -> dict[str, float]:
         timing = meta.get("timing")
@@ -205,7 +214,9 @@ class Agent:
         delta, _ = self.uplink.delta(part.adapter(), self.shared)
         upload = adapter_envelope(MessageKind.ADAPTER_UP, delta, Address(self.run_id, self.me, r),
                                   {"tokens": tokens, "loss": loss_sum / steps, "attempt": self.attempt,
-                                   "version": self.version, "seconds": time.monotonic() - started},
+                                   "version": self.version, "seconds": time.monotonic() - started,
+                                   "layers": part.selector.history[-8:],
+                                   "cache": part.prefix.cache.stats.as_dict() if part.prefix.cache else {}},
                                   self.uplink.stages)
         self.send(upload)
         # Saved after the upload is on its way, so the disk writes (fsync) overlap the

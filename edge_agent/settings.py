@@ -22,4 +22,9 @@ class AgentSettings(BaseModel):
     """Where the site's part runs: auto (the GPU when CUDA is present), cpu, cuda, cuda:N."""
     workdir: Path = Path("runs/agent")
     """Local state (optimizer, data position) saved after every round, to resume after a restart."""
+    cache_dir: Path | None = None
+    """The activation cache of the frozen prefix (when the run has one); None: <workdir>/cache.
+    It survives restarts and is invalidated when the prefix changes."""
+    cache_bytes: int = Field(1 << 30, ge=1 << 20)
+    """The most the activation cache keeps on disk; least recently used entries go first."""
     runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)

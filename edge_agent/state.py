@@ -24,13 +24,17 @@ class RoundSnapshot:
     round: int
     optimizer: dict
     stream: dict
+    selection: dict
     sync: tuple = (None, None, {})  # the agent's adapter copy, its name, the upload residual
 
     @classmethod
     def take(cls, round_: int, part: SitePart, stream: BatchStream) -> RoundSnapshot:
-        return cls(round_, copy.deepcopy(part.optimizer.state_dict()), stream.state_dict())
+        return cls(round_, copy.deepcopy(part.optimizer.state_dict()), stream.state_dict(),
+                   copy.deepcopy(part.selector.state_dict()))
 
     def restore(self, part: SitePart, stream: BatchStream) -> None:
+        # the selection first: it decides which parameters the optimizer state belongs to
+        part.selector.load_state_dict(copy.deepcopy(self.selection), part.optimizer)
         part.optimizer.load_state_dict(copy.deepcopy(self.optimizer))
         stream.load_state_dict(self.stream)
 
@@ -41,7 +45,8 @@ def save(workdir: Path, round_done: int, part: SitePart, stream: BatchStream) ->
     save_optimizer(workdir, prefix, part.optimizer)
     # state.json last and naming its optimizer files: a crash in between leaves the old pair
     write_atomic(workdir / "state.json", json.dumps({"round": round_done, "optimizer": prefix,
-                                                     "stream": stream.state_dict()}))
+                                                     "stream": stream.state_dict(),
+                                                     "selection": part.selector.state_dict()}))
     for old in workdir.glob("site_r*_optimizer.*"):
         if not old.name.startswith(prefix):
             old.unlink(missing_ok=True)
@@ -53,6 +58,8 @@ def load(workdir: Path, part: SitePart, stream: BatchStream) -> int:
     if not path.is_file():
         return 0
     state = json.loads(path.read_text())
+    if "selection" in state:
+        part.selector.load_state_dict(state["selection"], part.optimizer)
     restore_optimizer(workdir, state["optimizer"], part.optimizer)
     stream.load_state_dict(state["stream"])
     return int(state["round"])

@@ -174,6 +174,58 @@ class CompressionSettings(_Strict):
                                                              if getattr(self, k) is not None})
 
 
+class Policy(str, Enum):
+    """Which LoRA blocks of a party train in an epoch (see `fsl_edge.selection`)."""
+
+    ALL = "all"
+    """Every block with LoRA trains every step."""
+    TOPK_GRADNORM = "topk-gradnorm"
+    """After each epoch, keep the `fraction` of blocks with the largest gradient norms trainable."""
+    FREEZE_FRONT = "freeze-front"
+    """AutoFreeze: after each epoch, freeze blocks from the front while their gradient norm
+    changed by less than `threshold`; the frozen front grows the site's cacheable prefix."""
+    RANDOM = "random"
+    """LISA-style control: the same budget as topk-gradnorm, blocks drawn at random each epoch."""
+
+
+class SelectionSettings(_Strict):
+    """Layer selection: which LoRA blocks train, re-decided at every epoch, on both sides."""
+
+    policy: Policy = Policy.ALL
+    """all, topk-gradnorm, freeze-front or random."""
+    fraction: float = Field(0.3, gt=0.0, le=1.0)
+    """topk-gradnorm and random: the share of a party's LoRA blocks kept trainable (at least 1)."""
+    threshold: float = Field(0.1, gt=0.0)
+    """freeze-front: a front block freezes once its mean gradient norm changed by less than this
+    share between two epochs."""
+
+
+class PrefixSettings(_Strict):
+    """The site's frozen prefix: its first blocks without LoRA, whose outputs agents cache."""
+
+    frozen: int = Field(0, ge=0)
+    """Site blocks from the front with no LoRA (at most the cut a). Their output is computed one
+    sample at a time (no padding, so it does not depend on the batch) and is the same every
+    epoch: agents cache it on disk. 0: no frozen prefix, the front trains as usual."""
+    send_keys: bool = False
+    """Opt-in, needs frozen = the cut a: once the server holds a sample's prefix activation, the
+    site sends only the sample's key. This keeps the site's prefix activations on the server
+    (bounded by `server_max_bytes`, dropped when the prefix changes)."""
+    server_max_bytes: int = Field(2 << 30, ge=4096)
+    """send_keys: the most bytes of prefix activations the server keeps over all sites (least
+    recently used go first; a site whose keys were dropped is asked for the activations again)."""
+    backend: str = "torch"
+    """What computes the frozen prefix: torch, or onnxruntime (exported once per prefix;
+    CUDA provider when there is a GPU). Part of the prefix fingerprint."""
+
+    @field_validator("backend")
+    @classmethod
+    def _backend(cls, v: str) -> str:
+        if v not in ("torch", "onnxruntime"):
+            raise ValueError(f"backend must be 'torch' or 'onnxruntime', not {v!r}")
+        return v
+
+
 class LearningSettings(_Strict):
     """Everything that determines what a run learns (besides the model and the data): the same
     for the simulation and the distributed runtime, and sent to every agent when it joins."""
@@ -182,6 +234,28 @@ class LearningSettings(_Strict):
     lora: LoraSettings = Field(default_factory=LoraSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
     compression: CompressionSettings = Field(default_factory=CompressionSettings)
+    prefix: PrefixSettings = Field(default_factory=PrefixSettings)
+    selection: SelectionSettings = Field(default_factory=SelectionSettings)
+
+    @model_validator(mode="after")
+    def _prefix_fits(self) -> LearningSettings:
+        # the cut a is known only with the model; `check_prefix` finishes the check then
+        if self.prefix.send_keys and self.prefix.frozen == 0:
+            raise ValueError("prefix.send_keys needs a frozen prefix: set prefix.frozen to the cut a")
+        return self
+
+    def check_prefix(self, cut: Cut) -> None:
+        """Refuse a frozen prefix the cut cannot hold, or one that leaves a site nothing to train."""
+        frozen = self.prefix.frozen
+        if frozen > cut.a:
+            raise SplitError(f"prefix.frozen={frozen} is more than the site's {cut.a} front blocks "
+                             "(the cut a)")
+        if frozen == cut.a and cut.mode is SplitMode.VANILLA:
+            raise SplitError(f"prefix.frozen={frozen} freezes every site block in vanilla mode: "
+                             "the sites would have no LoRA to train")
+        if self.prefix.send_keys and frozen != cut.a:
+            raise SplitError(f"prefix.send_keys needs prefix.frozen = the cut a ({cut.a}), so "
+                             f"the activation at the cut is the cached prefix; it is {frozen}")
 
 
 class RuntimeSettings(_Strict):

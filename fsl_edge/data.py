@@ -7,6 +7,7 @@ out. Formats: `.txt` (one sample per non-empty line) and `.jsonl` with `{"text":
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
@@ -158,6 +159,15 @@ def _chunk(examples: list[Example], max_len: int) -> list[Example]:
     return [Example(ids[i : i + max_len], labels[i : i + max_len]) for i in range(0, len(ids), max_len)]
 
 
+def examples_digest(examples: Sequence[Example]) -> str:
+    """Names a site's tokenised data: sample indices mean something only within the same data."""
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(len(e.input_ids).to_bytes(4, "little"))
+        h.update(b"".join(t.to_bytes(4, "little", signed=True) for t in e.input_ids + e.labels))
+    return h.hexdigest()[:32]
+
+
 def pad_id_of(tokenizer: Any) -> int:
     """The id to pad with: the pad token, else eos (masked out anyway), else 0."""
     for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
@@ -176,6 +186,10 @@ class Batch:
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     labels: torch.Tensor
+    # where the samples come from: their indices in the site's examples (the keys of a site's
+    # activation cache), and the epoch of the stream that drew them; () for evaluation batches
+    ids: tuple[int, ...] = ()
+    epoch: int = 0
 
     @property
     def tokens(self) -> int:
@@ -184,10 +198,11 @@ class Batch:
         return int((self.labels[:, 1:] != IGNORE_INDEX).sum())
 
     def to(self, device: torch.device | str) -> Batch:
-        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device))
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device),
+                     self.ids, self.epoch)
 
 
-def collate(examples: Sequence[Example], pad_id: int) -> Batch:
+def collate(examples: Sequence[Example], pad_id: int, ids: Sequence[int] = (), epoch: int = 0) -> Batch:
     """Right-pad `examples` to the longest one; padding is masked from attention and loss."""
     if not examples:
         raise ValueError("collate needs at least one example")
@@ -200,7 +215,7 @@ def collate(examples: Sequence[Example], pad_id: int) -> Batch:
         input_ids[i, :n] = torch.tensor(e.input_ids, dtype=torch.long)
         attention_mask[i, :n] = 1
         labels[i, :n] = torch.tensor(e.labels, dtype=torch.long)
-    return Batch(input_ids, attention_mask, labels)
+    return Batch(input_ids, attention_mask, labels, tuple(ids), epoch)
 
 
 class BatchStream:
@@ -234,11 +249,12 @@ class BatchStream:
 
     def __next__(self) -> Batch:
         picked = self._order[self.position : self.position + self.batch_size]
+        epoch = self.epoch
         self.position += len(picked)
         if self.position >= len(self.examples):
             self.epoch, self.position = self.epoch + 1, 0
             self._order = self._order_of(self.epoch)
-        return collate([self.examples[i] for i in picked], self.pad_id)
+        return collate([self.examples[i] for i in picked], self.pad_id, picked, epoch)
 
     def state_dict(self) -> dict[str, int]:
         # num_examples and seed are there to refuse a resume on different data, not to restore it.

@@ -22,6 +22,8 @@ KINDS = (ACTIVATION_UP, ACTIVATION_DOWN, GRADIENT_UP, GRADIENT_DOWN, ADAPTER_UP,
 
 class _Message:
     kind: str
+    # plain (non-tensor) fields that travel in the envelope's JSON meta, with their types
+    META: dict[str, type] = {}
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {f.name: getattr(self, f.name) for f in fields(self)
@@ -42,13 +44,22 @@ def check_hidden(name: str, t: torch.Tensor, shape: tuple[int, ...]) -> None:
 
 @dataclass
 class ActivationUp(_Message):
-    """Site -> server: the output of the site's front blocks at cut a."""
+    """Site -> server: the output of the site's front blocks at cut a.
 
-    hidden: torch.Tensor  # (B, T, C)
+    With keys (prefix.send_keys), `keys` name the samples in the site's data and `prefix` the
+    fingerprint of the frozen prefix that computed them: with `hidden` the server keeps a copy
+    per key; without it, the server uses the copies it kept."""
+
+    hidden: torch.Tensor | None  # (B, T, C); None when the keys stand for it
     attention_mask: torch.Tensor  # (B, T), 1 = token, 0 = padding: the server's masks need it
     position_ids: torch.Tensor  # (B, T)
     labels: torch.Tensor | None = None  # (B, T), vanilla only: this is the text, shifted
+    keys: torch.Tensor | None = None  # (B,) int64: the samples' indices in the site's data
+    prefix: str | None = None  # fingerprint of the prefix the keys' activations come from
+    need_grad: bool = True  # False: nothing below the cut trains, send no gradient back
+    epoch: int = 0  # the site's epoch: the server re-selects its layers when it advances
     kind = ACTIVATION_UP
+    META = {"prefix": str, "need_grad": bool, "epoch": int}
 
     def validate(self, hidden_size: int) -> None:
         """Reject a message whose shapes or values cannot be what a site computes."""
@@ -56,7 +67,16 @@ class ActivationUp(_Message):
             raise ProtocolError(f"attention_mask has shape {tuple(self.attention_mask.shape)}, "
                                 "expected (B, T)")
         B, T = self.attention_mask.shape
-        check_hidden("hidden", self.hidden, (B, T, hidden_size))
+        if self.keys is not None:
+            if tuple(self.keys.shape) != (B,) or self.keys.dtype != torch.int64 or (self.keys < 0).any():
+                raise ProtocolError(f"keys must be {B} non-negative int64, got {self.keys.dtype} "
+                                    f"{tuple(self.keys.shape)}")
+            if not self.prefix:
+                raise ProtocolError("keys come without the fingerprint of their prefix")
+        elif self.hidden is None:
+            raise ProtocolError("an activation without hidden states needs keys")
+        if self.hidden is not None:
+            check_hidden("hidden", self.hidden, (B, T, hidden_size))
         if ((self.attention_mask != 0) & (self.attention_mask != 1)).any():
             raise ProtocolError("attention_mask holds values other than 0 and 1")
         for name in ("position_ids", "labels"):
@@ -86,8 +106,10 @@ class GradientUp(_Message):
 
 @dataclass
 class GradientDown(_Message):
-    """Server -> site: d loss / d (site front output). Vanilla also carries the loss it computed."""
+    """Server -> site: d loss / d (site front output), None when the site said it needs none.
+    Vanilla also carries the loss it computed."""
 
-    grad: torch.Tensor  # (B, T, C)
+    grad: torch.Tensor | None  # (B, T, C)
     loss: float | None = None
     kind = GRADIENT_DOWN
+    META = {"loss": float}

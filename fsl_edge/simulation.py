@@ -14,12 +14,13 @@ import time
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from .aggregation import fedavg, server_step
 from .compression import Downlink, StepCodec, Uplink, aggregate, payload_bytes
 from .config import LearningSettings
-from .data import Batch, BatchStream, Example, collate
+from .data import Batch, BatchStream, Example, collate, examples_digest
 from .messages import ADAPTER_DOWN, ADAPTER_UP, KINDS
 from .split import check_parity, discover
 from .step import ServerPart, SitePart, split_eval, split_step
@@ -43,6 +44,9 @@ class RoundMetrics:
     tokens: dict[str, int]  # tokens trained on, per site
     bytes: dict[str, int]  # per message kind, what would cross the wire this round
     seconds: float
+    front_seconds: float = 0.0  # the sites' front (prefix + front blocks) compute, summed
+    cache: dict[str, int] = field(default_factory=dict)  # sites' cache hits/misses this round
+    layers: dict[str, list[int]] = field(default_factory=dict)  # trainable blocks per party
 
 
 @dataclass
@@ -51,6 +55,11 @@ class SimulationResult:
     site_adapter: dict[str, torch.Tensor]  # the global (averaged) site adapter
     server_adapter: dict[str, torch.Tensor]  # the trunk adapter
     metadata: dict = field(default_factory=dict)
+
+
+def party_options(settings: LearningSettings) -> dict:
+    """What a SitePart or ServerPart takes from the run's settings besides the LoRA and lr."""
+    return {"prefix": settings.prefix, "selection": settings.selection, "seed": settings.train.seed}
 
 
 def site_seed(seed: int, name: str) -> int:
@@ -78,27 +87,45 @@ def heldout_losses(evaluate: Callable[[Batch], tuple[float, int]],
 
 
 def simulate(model: torch.nn.Module, sites: Sequence[SiteData], settings: LearningSettings,
-             pad_id: int, on_round: Callable[[RoundMetrics], None] | None = None) -> SimulationResult:
-    """Train `model` split between len(sites) simulated sites and one server; see module doc."""
+             pad_id: int, on_round: Callable[[RoundMetrics], None] | None = None,
+             cache_dir: Path | None = None, cache_bytes: int = 1 << 30) -> SimulationResult:
+    """Train `model` split between len(sites) simulated sites and one server; see module doc.
+    `cache_dir`: each site's prefix activation cache goes in a folder of its name there."""
     train = settings.train
     torch.manual_seed(train.seed)
     cut = settings.split.cut(discover(model).n_blocks)
+    settings.check_prefix(cut)
     check_parity(discover(model), (cut.a, cut.b) if cut.b < cut.n else (cut.a,))
-    server = ServerPart(copy.deepcopy(model), cut, settings.lora, train.lr)
-    parts = [SitePart(copy.deepcopy(model), cut, settings.lora, train.lr) for _ in sites]
+    server = ServerPart(copy.deepcopy(model), cut, settings.lora, train.lr, **party_options(settings))
+    parts = [SitePart(copy.deepcopy(model), cut, settings.lora, train.lr, **party_options(settings),
+                      cache=None if cache_dir is None else (Path(cache_dir) / s.name, cache_bytes))
+             for s in sites]
+    for part, s in zip(parts, sites):
+        part.data_digest = examples_digest(s.train)
     site_adapter = parts[0].adapter()  # one common initialisation, as the coordinator sends it
     streams = [BatchStream(s.train, train.batch_size, site_seed(train.seed, s.name), pad_id)
                for s in sites]
     heldout = {s.name: eval_batches(s.heldout, train.batch_size, pad_id) for s in sites}
 
     def evaluate_round(r: int, losses, tokens, sent, started) -> RoundMetrics:
+        seconds = time.perf_counter() - started
+        front = sum(p.front_seconds for p in parts)
+        cache = {k: sum(getattr(p.prefix.cache.stats, k) for p in parts if p.prefix.cache)
+                 for k in ("hits", "misses")}
+        layers = {"server": sorted(server.selector.trainable),
+                  **{s.name: sorted(p.selector.trainable) for s, p in zip(sites, parts)}}
+        for p in parts:
+            p.front_seconds = 0.0
         parts[0].load_adapter(site_adapter)
         per, overall = heldout_losses(lambda b: split_eval(parts[0], server, b), heldout)
-        metrics = RoundMetrics(r, losses, per, overall, tokens, sent, time.perf_counter() - started)
+        metrics = RoundMetrics(r, losses, per, overall, tokens, sent, seconds, front,
+                               {k: v - counted.get(k, 0) for k, v in cache.items()}, layers)
+        counted.update(cache)
         if on_round:
             on_round(metrics)
         return metrics
 
+    counted: dict[str, int] = {}
     history = [evaluate_round(0, {}, {}, {}, time.perf_counter())]
     pipes = settings.compression.pipelines()
     codec, downlink = StepCodec(pipes), Downlink(pipes.download)

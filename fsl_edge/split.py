@@ -10,6 +10,7 @@ segments reproduce the model's own forward before anyone trains on them.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -126,6 +127,17 @@ def _mask_kind(config, index: int) -> str:
     return "sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"
 
 
+@functools.cache
+def _cache_arg() -> str:
+    # transformers renamed the mask makers' `past_key_values` to `cache` (5.2x); take what it has
+    import inspect
+
+    from transformers.masking_utils import create_causal_mask
+
+    return "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+
+
+
 def run_blocks(parts: ModelParts, h: torch.Tensor, start: int, stop: int,
                attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
     """Run blocks [start, stop) on hidden states (B, T, C); masks are rebuilt from the (B, T) mask.
@@ -148,8 +160,8 @@ def run_blocks(parts: ModelParts, h: torch.Tensor, start: int, stop: int,
                                         "does not support")
         if kind not in masks:
             masks[kind] = makers[kind](config=parts.config, inputs_embeds=h,
-                                       attention_mask=attention_mask, past_key_values=None,
-                                       position_ids=position_ids)
+                                       attention_mask=attention_mask, position_ids=position_ids,
+                                       **{_cache_arg(): None})
         out = parts.blocks[i](h, attention_mask=masks[kind], position_ids=position_ids, **extra)
         h = out[0] if isinstance(out, tuple) else out  # (B, T, C)
     return h

@@ -37,6 +37,11 @@ class AgentStatus(BaseModel):
     rounds_contributed: int = 0
     traffic: dict[str, Traffic] = Field(default_factory=dict)
     """Per message kind, both directions between this agent and the coordinator."""
+    layers: list[tuple[int, list[int]]] = Field(default_factory=list)
+    """Layer selection at this site: (epoch, the LoRA blocks trainable in it), latest last."""
+    cache: dict[str, float] = Field(default_factory=dict)
+    """The site's prefix activation cache: hits, misses, corrupt, evictions, entries, bytes,
+    hit_rate (empty without a frozen prefix)."""
 
 
 class RoundRecord(BaseModel):
@@ -82,6 +87,10 @@ class Status(BaseModel):
     duplicate, wrong_run, late)."""
     checkpoint: str | None = None
     """Directory of the last checkpoint."""
+    layers: list[tuple[int, list[int]]] = Field(default_factory=list)
+    """Layer selection in the trunk: (epoch, the LoRA blocks trainable in it), latest last."""
+    prefix_store: dict[str, int] = Field(default_factory=dict)
+    """Sites' prefix activations the server keeps (send_keys): entries, bytes, hits, misses."""
 
     @computed_field
     @property

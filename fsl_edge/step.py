@@ -10,39 +10,55 @@ vanilla:  site.forward_front -> server.forward (loss + backward) -> site.backwar
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import time
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from .config import Cut, LoraSettings, SplitMode
-from .data import Batch
-from .lora import adapter_state, attach, load_adapter_state
-from .errors import ProtocolError
 from .compression import StepCodec
+from .config import Cut, LoraSettings, PrefixSettings, SelectionSettings, SplitMode
+from .data import Batch
+from .errors import ProtocolError
+from .lora import adapter_state, attach, load_adapter_state
 from .messages import ActivationDown, ActivationUp, GradientDown, GradientUp, check_hidden
+from .prefix import MissingKeys, PrefixStore, SitePrefix
+from .selection import LayerSelector
 from .split import causal_lm_loss, discover, drop_blocks, embed, finish, positions, run_blocks
 
 
 class _Party:
-    """A peft-wrapped model copy with LoRA on the blocks this party runs, and its optimizer."""
+    """A peft-wrapped model copy with LoRA on the blocks this party trains, its optimizer and
+    its layer selection."""
 
     def __init__(self, model: nn.Module, cut: Cut, blocks: list[int], lora: LoraSettings,
-                 lr: float, keep_all_blocks: bool = False):
+                 lr: float, keep_all_blocks: bool = False, run_blocks_: list[int] | None = None,
+                 selection: SelectionSettings | None = None, seed: int = 0,
+                 selectable_front: list[int] | None = None):
+        """`blocks`: the blocks with LoRA; `run_blocks_`: the blocks this party runs (default
+        the same); `selectable_front`: the blocks freeze-front may freeze, in order."""
         self.cut = cut
         self.device = next(model.parameters()).device  # messages arrive on the CPU
         self.model = attach(model, blocks, lora)
         self.parts = discover(self.model)
         if not keep_all_blocks:
-            drop_blocks(self.parts, blocks)
+            drop_blocks(self.parts, run_blocks_ or blocks)
         self.model.train()
         self.optimizer = torch.optim.AdamW(
             [p for p in self.model.parameters() if p.requires_grad], lr=lr)
+        self.selector = LayerSelector(self.model, self.parts.blocks_name, blocks,
+                                      selection or SelectionSettings(), seed, selectable_front)
 
     def step(self) -> None:
         """Apply the accumulated LoRA gradients and clear them."""
+        self.selector.observe()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def at_epoch(self, epoch: int) -> None:
+        self.selector.at_epoch(epoch, self.optimizer)
 
     def adapter(self) -> dict[str, torch.Tensor]:
         return adapter_state(self.model)
@@ -52,26 +68,70 @@ class _Party:
 
 
 class SitePart(_Party):
-    """What an edge site runs: embeddings, blocks [0, a), and in u-shape [b, L), norm, head, loss."""
+    """What an edge site runs: embeddings, blocks [0, a), and in u-shape [b, L), norm, head, loss.
 
-    def __init__(self, model: nn.Module, cut: Cut, lora: LoraSettings, lr: float, **kw):
-        super().__init__(model, cut, cut.site_blocks, lora, lr, **kw)
+    With a frozen prefix (`prefix.frozen` blocks without LoRA, plus any front blocks a selection
+    policy froze), the prefix is computed per sample through `SitePrefix` (and its cache)."""
+
+    def __init__(self, model: nn.Module, cut: Cut, lora: LoraSettings, lr: float,
+                 prefix: PrefixSettings | None = None, selection: SelectionSettings | None = None,
+                 seed: int = 0, cache=None, **kw):
+        self.prefix_settings = prefix or PrefixSettings()
+        frozen = self.prefix_settings.frozen
+        lora_blocks = [b for b in cut.site_blocks if b >= frozen]
+        super().__init__(model, cut, lora_blocks, lora, lr, run_blocks_=cut.site_blocks,
+                         selection=selection, seed=seed,
+                         selectable_front=[b for b in range(frozen, cut.a)], **kw)
         if lora.site_freeze_a:
             for name, p in self.model.named_parameters():
                 if "lora_A" in name:
                     p.requires_grad_(False)
             self.optimizer = torch.optim.AdamW(
                 [p for p in self.model.parameters() if p.requires_grad], lr=lr)
+        self.prefix = SitePrefix(self.parts, self.prefix_settings.backend, cache)
+        self.data_digest = ""  # of the site's examples: names what its keys point to
+        self.server_has: set[int] = set()  # send_keys: the keys whose activations the server holds
+        self._wire_prefix: str | None = None
         self._pending: tuple[Batch, torch.Tensor] | None = None  # batch, front output (graph)
+        self._last_up: ActivationUp | None = None  # for a resend with the activations
+        self._fingerprint: str | None = None  # of the prefix behind the last front output
+        self.front_seconds = 0.0  # time spent in the front's forward while training
+
+    @property
+    def frozen_front(self) -> int:
+        """Blocks from the front that nothing trains: the prefix computed per sample and cached."""
+        return self.prefix_settings.frozen + self.selector.frozen_front()
+
+    @property
+    def front_trains(self) -> bool:
+        """Whether anything below cut a trains (else no gradient needs to come back)."""
+        return self.frozen_front < self.cut.a
 
     def front(self, batch: Batch) -> ActivationUp:
         """Embeddings and front blocks; the returned hidden state keeps its autograd graph."""
         batch = batch.to(self.device)
         pos = positions(batch.attention_mask)
-        h = embed(self.parts, batch.input_ids, pos)  # (B, T, C)
-        h = run_blocks(self.parts, h, 0, self.cut.a, batch.attention_mask, pos)
+        frozen = self.frozen_front
+        self._fingerprint = None
+        if frozen:
+            # training batches (they have sample ids) go through the cache; evaluation does not
+            h, self._fingerprint = self.prefix.batch(batch, frozen, cached=bool(batch.ids))
+        else:
+            h = embed(self.parts, batch.input_ids, pos)  # (B, T, C)
+        h = run_blocks(self.parts, h, frozen, self.cut.a, batch.attention_mask, pos)
         labels = batch.labels if self.cut.mode is SplitMode.VANILLA else None
-        return ActivationUp(h, batch.attention_mask, pos, labels)
+        return ActivationUp(h, batch.attention_mask, pos, labels, need_grad=self.front_trains,
+                            epoch=batch.epoch)
+
+    def _with_keys(self, up: ActivationUp, batch: Batch, fingerprint: str) -> None:
+        wire = hashlib.sha256(f"{fingerprint}:{self.data_digest}".encode()).hexdigest()[:32]
+        if wire != self._wire_prefix:
+            self._wire_prefix, self.server_has = wire, set()
+        up.keys, up.prefix = torch.tensor(batch.ids, dtype=torch.int64), wire
+        if set(batch.ids) <= self.server_has:
+            up.hidden = None  # the server holds every one: the keys stand for the activations
+        else:
+            self.server_has |= set(batch.ids)
 
     def back_loss(self, hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
         """u-shape: blocks [b, L), norm, head and the loss on the trunk's output."""
@@ -82,10 +142,23 @@ class SitePart(_Party):
 
     def forward_front(self, batch: Batch) -> ActivationUp:
         """Training: run the front and return the message to send (detached)."""
+        self.at_epoch(batch.epoch)
+        started = time.perf_counter()
         up = self.front(batch)
+        self.front_seconds += time.perf_counter() - started
         self._pending = (batch, up.hidden)
         up.hidden = up.hidden.detach()
+        if self._fingerprint and self.frozen_front == self.cut.a and self.prefix_settings.send_keys:
+            self._with_keys(up, batch, self._fingerprint)
+        self._last_up = dataclasses.replace(up, hidden=self._pending[1].detach())
         return up
+
+    def resend_activations(self) -> ActivationUp:
+        """The server lost the copies the keys stood for: the same message with the activations."""
+        if self._last_up is None:
+            raise RuntimeError("no step in flight at this site: call forward_front first")
+        self.server_has = set(self._last_up.keys.tolist()) if self._last_up.keys is not None else set()
+        return dataclasses.replace(self._last_up)
 
     def forward_back(self, down: ActivationDown) -> tuple[GradientUp, float]:
         """u-shape training: loss on the trunk's output, backward through the back blocks."""
@@ -99,8 +172,11 @@ class SitePart(_Party):
     def backward_front(self, down: GradientDown) -> None:
         """Backpropagate the server's gradient at cut a through the front blocks."""
         _, front_out = self._require_pending()
-        check_hidden("gradient at cut a", down.grad, tuple(front_out.shape))
-        front_out.backward(down.grad.to(self.device))
+        if front_out.requires_grad:
+            if down.grad is None:
+                raise ProtocolError("the server sent no gradient at cut a, and the front trains")
+            check_hidden("gradient at cut a", down.grad, tuple(front_out.shape))
+            front_out.backward(down.grad.to(self.device))
         self._pending = None
 
     def _require_pending(self) -> tuple[Batch, torch.Tensor]:
@@ -116,8 +192,12 @@ class ServerPart(_Party):
     flight are kept under the caller's key until its gradient comes back.
     """
 
-    def __init__(self, model: nn.Module, cut: Cut, lora: LoraSettings, lr: float, **kw):
-        super().__init__(model, cut, cut.server_blocks, lora, lr, **kw)
+    def __init__(self, model: nn.Module, cut: Cut, lora: LoraSettings, lr: float,
+                 prefix: PrefixSettings | None = None, selection: SelectionSettings | None = None,
+                 seed: int = 0, **kw):
+        super().__init__(model, cut, cut.server_blocks, lora, lr, selection=selection, seed=seed,
+                         **kw)
+        self.store = PrefixStore((prefix or PrefixSettings()).server_max_bytes)
         self._pending: dict[object, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def trunk(self, up: ActivationUp) -> torch.Tensor:
@@ -129,11 +209,22 @@ class ServerPart(_Party):
         """Vanilla: the trunk, then norm, head and the loss on the labels the site sent."""
         return causal_lm_loss(finish(self.parts, self.trunk(up)), up.labels)
 
-    def forward(self, key: object, up: ActivationUp) -> ActivationDown | GradientDown:
-        """Training: u-shape returns the trunk output; vanilla returns the gradient and loss."""
+    def forward(self, key: object, up: ActivationUp, site: str = "") -> ActivationDown | GradientDown:
+        """Training: u-shape returns the trunk output; vanilla returns the gradient and loss.
+        `site` names the sender: its keys index its own copies. MissingKeys when keys stand for
+        copies this server no longer holds."""
         up.validate(self.parts.hidden_size)
+        # the trunk re-selects its layers when the first site starts a new epoch
+        self.at_epoch(up.epoch)
+        hidden = up.hidden
+        if up.keys is not None:
+            keys = up.keys.tolist()
+            if hidden is None:
+                hidden = self.store.get(site, up.prefix, keys, up.attention_mask)
+            else:
+                self.store.put(site, up.prefix, keys, hidden, up.attention_mask)
         on = lambda t: None if t is None else t.to(self.device)  # noqa: E731
-        up = ActivationUp(on(up.hidden).detach().requires_grad_(True), on(up.attention_mask),
+        up = ActivationUp(on(hidden).detach().requires_grad_(up.need_grad), on(up.attention_mask),
                           on(up.position_ids), on(up.labels))
         if self.cut.mode is SplitMode.VANILLA:
             if up.labels is None:
@@ -143,7 +234,7 @@ class ServerPart(_Party):
                 raise ProtocolError(f"labels outside [0, {vocab}) and not -100")
             loss = self.trunk_loss(up)
             loss.backward()
-            return GradientDown(up.hidden.grad, loss.item())
+            return GradientDown(up.hidden.grad if up.hidden.requires_grad else None, loss.item())
         out = self.trunk(up)
         self._pending[key] = (up.hidden, out)
         return ActivationDown(out.detach())
@@ -155,7 +246,7 @@ class ServerPart(_Party):
         grad.validate(tuple(self._pending[key][1].shape))  # before the step is consumed
         hidden_in, out = self._pending.pop(key)
         out.backward(grad.grad.to(self.device))
-        return GradientDown(hidden_in.grad)
+        return GradientDown(hidden_in.grad if hidden_in.requires_grad else None)
 
     def drop_pending(self, key: object) -> None:
         """Forget a step whose site went away, so its graph is freed."""
@@ -184,11 +275,15 @@ def split_step(site: SitePart, server: ServerPart, batch: Batch, key: object = 0
         return message
 
     up = hop(site.forward_front(batch))
+    try:
+        out = server.forward(key, up, site=str(key))
+    except MissingKeys:
+        out = server.forward(key, hop(site.resend_activations()), site=str(key))
     if site.cut.mode is SplitMode.VANILLA:
-        down = hop(server.forward(key, up))
+        down = hop(out)
         loss = down.loss
     else:
-        grad_up, loss = site.forward_back(hop(server.forward(key, up)))
+        grad_up, loss = site.forward_back(hop(out))
         down = hop(server.backward(key, hop(grad_up)))
     server.step()
     site.backward_front(down)

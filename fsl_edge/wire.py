@@ -44,9 +44,10 @@ def step_envelope(message, at: Address, codec: StepCodec = DEFAULT_CODEC) -> Env
     env = Envelope(kind_of(message), at.run, at.agent, at.round, at.step)
     for name, t in message.tensors().items():
         env.add_tensor(name, t, codec.stages(message.kind, t))
-    loss = getattr(message, "loss", None)
-    if loss is not None:
-        env.meta["loss"] = float(loss)
+    for name, kind in message.META.items():
+        value = getattr(message, name)
+        if value is not None:
+            env.meta[name] = kind(value)
     return env
 
 
@@ -56,20 +57,35 @@ def step_message(env: Envelope, max_tensor_bytes: int):
     if cls is None:
         raise ProtocolError(f"{env.kind.name} is not a step message")
     tensors = env.tensor_dict(max_tensor_bytes)
-    fields = {"hidden", "grad", "attention_mask", "position_ids", "labels"}
+    fields = {"hidden", "grad", "attention_mask", "position_ids", "labels", "keys"}
     unknown = set(tensors) - fields
     if unknown:
         raise ProtocolError(f"{env.kind.name} carries unknown tensors {sorted(unknown)}")
-    for name in ("attention_mask", "position_ids", "labels"):
+    for name in ("attention_mask", "position_ids", "labels", "keys"):
         if name in tensors and tensors[name].dtype != torch.int64:
             raise ProtocolError(f"{name} has dtype {tensors[name].dtype}, expected torch.int64")
+    if cls is ActivationUp:
+        tensors.setdefault("hidden", None)  # keys may stand for it (validate checks which)
+    if cls is GradientDown:
+        tensors.setdefault("grad", None)  # a site whose front does not train gets none
     try:
         message = cls(**tensors)
     except TypeError as e:
         raise ProtocolError(f"{env.kind.name} is missing a tensor: {e}") from e
-    if "loss" in env.meta:
-        message.loss = meta_number(env.meta, "loss", float)
+    for name, kind in cls.META.items():
+        if name in env.meta:
+            setattr(message, name, meta_value(env.meta, name, kind))
     return message
+
+
+def meta_value(meta: dict, key: str, kind: type):
+    """A typed field from an envelope's JSON meta, or ProtocolError naming it."""
+    if kind in (int, float):
+        return meta_number(meta, key, kind)
+    value = meta.get(key)
+    if not isinstance(value, kind) or (kind is str and len(value) > 256):
+        raise ProtocolError(f"meta field {key!r} must be a {kind.__name__}, got {value!r:.80}")
+    return value
 
 
 def meta_number(meta: dict, key: str, kind: type, minimum: float | None = None):

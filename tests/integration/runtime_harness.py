@@ -27,14 +27,16 @@ SITES = ("circulatory", "neoplasms")
 
 def federation(tmp_path: Path, broker_url: str, sites=SITES, rounds: int = 2, steps: int = 3,
                mode: SplitMode = SplitMode.U_SHAPE, min_agents: int | None = None,
-               run_id: str = "test", compression: str = "lossless") -> Federation:
+               run_id: str = "test", compression: str = "lossless", per_site: int = 40,
+               **learning) -> Federation:
+    """`learning`: further LearningSettings fields (prefix, selection)."""
     data = tmp_path / "data"
     if not (data / "manifest.json").exists():
-        build_icd10(data, chapters=sites, per_site=40, heldout=4)
+        build_icd10(data, chapters=sites, per_site=per_site, heldout=4)
     training = LearningSettings(
         split=SplitSettings(mode=mode), lora=LoraSettings(rank=4),
         train=TrainSettings(rounds=rounds, steps=steps, batch_size=4, max_len=32, lr=1e-2),
-        compression=CompressionSettings(preset=compression))
+        compression=CompressionSettings(preset=compression), **learning)
     settings = CoordinatorSettings(
         model=MODEL, training=training, status_port=0,
         runtime=RuntimeSettings(run_id=run_id, broker=broker_url, heartbeat_s=0.5,

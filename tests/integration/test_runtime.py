@@ -9,7 +9,7 @@ import signal
 
 import pytest
 
-from fsl_edge.config import SplitMode
+from fsl_edge.config import PrefixSettings, SelectionSettings, SplitMode
 
 from .runtime_harness import assert_matches_simulation, federation, finish, in_round, wait_for
 
@@ -52,6 +52,31 @@ def test_a_compressed_run_equals_the_compressed_simulation(tmp_path, mosquitto_s
     assert_matches_simulation(fed)
 
 
+def test_a_cached_prefix_with_keys_and_layer_selection_equals_the_simulation(tmp_path, mosquitto_server):
+    # 8 samples a site, batch 4: 2 steps an epoch, 6 epochs
+    fed = federation(tmp_path, mosquitto_server.url, rounds=3, steps=4, per_site=8,
+                     prefix=PrefixSettings(frozen=2, send_keys=True),
+                     selection=SelectionSettings(policy="topk-gradnorm", fraction=0.5))
+    try:
+        fed.start()
+        status = finish(fed)
+    finally:
+        fed.stop()
+    assert status.state == "finished"
+    for name, agent in status.agents.items():
+        # from its second epoch on every sample comes from the agent's cache
+        assert agent.cache["hit_rate"] >= 0.8 and agent.cache["misses"] == 8, (name, agent.cache)
+        assert [e for e, _ in agent.layers][-1] == 5 and all(len(c) == 1 for e, c in agent.layers if e)
+    assert status.layers and status.layers[-1][0] >= 5
+    store = status.prefix_store
+    assert store["hits"] == 2 * 8 * 5 and store["misses"] == 0 and store["entries"] == 16, store
+    # keys instead of activations: later rounds send far less up than the first
+    ups = [r.traffic["activation_up"].bytes for r in status.history]
+    assert ups[2] < ups[0] / 2, ups
+    assert "gradient_down" in status.traffic and status.traffic["gradient_down"].raw_bytes == 0
+    assert_matches_simulation(fed)
+
+
 def test_vanilla_mode_on_the_embedded_broker_equals_the_simulation(tmp_path, amqtt_server):
     fed = federation(tmp_path, amqtt_server.url, mode=SplitMode.VANILLA)
     try:
@@ -65,7 +90,12 @@ def test_vanilla_mode_on_the_embedded_broker_equals_the_simulation(tmp_path, amq
 
 
 def test_coordinator_killed_mid_round_resumes_from_its_checkpoint(tmp_path, mosquitto_server):
-    fed = federation(tmp_path, mosquitto_server.url, rounds=3, steps=25)
+    # with a frozen prefix whose activations the server keeps (keys instead of activations) and
+    # layer selection: the new coordinator holds no copies, and its trunk's selection comes
+    # back from the checkpoint
+    fed = federation(tmp_path, mosquitto_server.url, rounds=3, steps=25,
+                     prefix=PrefixSettings(frozen=2, send_keys=True),
+                     selection=SelectionSettings(policy="topk-gradnorm", fraction=0.5))
     try:
         fed.start()
         wait_for(in_round(fed, 2, 3), 180, "round 2 under way", fed)
@@ -80,6 +110,8 @@ def test_coordinator_killed_mid_round_resumes_from_its_checkpoint(tmp_path, mosq
     # the registry came back from the checkpoint: contributions before the crash still count
     assert sum(a.tokens for a in status.agents.values()) == sum(r.tokens for r in status.history)
     assert all(a.rounds_contributed == 3 for a in status.agents.values())
+    # the agents' keys named copies the new coordinator did not have: they sent them again
+    assert any("sending them" in log.read_text() for log in (fed.workdir / "logs").glob("agent-*.log"))
     # the agents rewound to the start of round 2 and replayed it: the result is the same
     assert_matches_simulation(fed)
 

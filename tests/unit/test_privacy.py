@@ -42,9 +42,9 @@ class Recorder:
         self.received: list[ActivationUp | GradientUp] = []
         forward, backward = server.forward, server.backward
 
-        def recording_forward(key, up):
+        def recording_forward(key, up, **kw):
             self.received.append(up)
-            return forward(key, up)
+            return forward(key, up, **kw)
 
         def recording_backward(key, grad):
             self.received.append(grad)
