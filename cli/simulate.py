@@ -9,8 +9,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from fsl_edge.config import (CompressionSettings, LearningSettings, LoraSettings, Preset,
-                             SplitMode, SplitSettings, TrainSettings)
+from fsl_edge.config import (CompressionSettings, LearningSettings, LoraSettings, Policy,
+                             PrefixSettings, Preset, SelectionSettings, SplitMode, SplitSettings,
+                             TrainSettings)
 
 
 def simulate(
@@ -29,6 +30,9 @@ def simulate(
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-3,
     seed: Annotated[int, typer.Option(help="Seed for everything.")] = 0,
     compression: Annotated[Preset, typer.Option(help="What travels on the wire: none (fp32), lossless, balanced (about 10x fewer bytes), aggressive; see BENCHMARKS.md.")] = Preset.LOSSLESS,
+    frozen_prefix: Annotated[int, typer.Option(help="Site blocks from the front without LoRA; their outputs are cached on disk (at most the cut).")] = 0,
+    send_keys: Annotated[bool, typer.Option(help="With --frozen-prefix = the cut: send sample keys once the server holds a sample's prefix activation (keeps them on the server).")] = False,
+    layers: Annotated[Policy, typer.Option(help="Which LoRA blocks train each epoch: all, topk-gradnorm, freeze-front, random.")] = Policy.ALL,
 ) -> None:
     """Simulate split federated LoRA training in one process and report held-out loss."""
     from fsl_edge.runs import run_simulation, summary  # torch: only when the command runs
@@ -38,7 +42,9 @@ def simulate(
         split=SplitSettings(mode=mode, front=front, back=back), lora=LoraSettings(rank=rank),
         train=TrainSettings(lr=lr, batch_size=batch_size, max_len=max_len, rounds=rounds,
                             steps=steps, seed=seed),
-        compression=CompressionSettings(preset=compression))
+        compression=CompressionSettings(preset=compression),
+        prefix=PrefixSettings(frozen=frozen_prefix, send_keys=send_keys),
+        selection=SelectionSettings(policy=layers))
     table = Table("round", "train loss", "held-out loss", "tokens", "MiB sent", "s")
 
     def on_loaded(loaded, site_data):

@@ -154,6 +154,29 @@ def history_table(s: Status) -> Table:
     return table
 
 
+def selection_table(s: Status) -> Table | None:
+    """Layer selection and the prefix cache, where the run has either."""
+    rows = [("trunk", s.layers, s.prefix_store)] + [(name, a.layers, a.cache)
+                                                  for name, a in sorted(s.agents.items())]
+    # a run that selects nothing (policy all) and caches nothing has nothing to show here
+    if not any(len(layers) > 1 or cache.get("entries") for _, layers, cache in rows):
+        return None
+    table = _table("layers and cache", "party", "epoch", "trainable LoRA blocks", "cache")
+    for name, layers, cache in rows:
+        epoch, blocks = layers[-1] if layers else (None, [])
+        if name == "trunk":
+            kept = f"holds {cache.get('entries', 0)} ({cache.get('bytes', 0) / MIB:.1f} MiB)" if cache else "-"
+        else:
+            kept = f"hit rate {cache['hit_rate'] * 100:.0f} % of {int(cache['hits'] + cache['misses'])}" \
+                if cache.get("hit_rate") is not None and "hits" in cache else "-"
+        table.add_row(name, "-" if epoch is None else str(epoch), _blocks(blocks), kept)
+    return table
+
+
+def _blocks(blocks: list[int]) -> str:
+    return ", ".join(map(str, blocks)) if len(blocks) <= 10 else f"{len(blocks)} blocks ({blocks[0]}..{blocks[-1]})"
+
+
 def render(s: Status, now: float | None = None) -> Group:
     """Everything `fsl-edge status` shows for one snapshot."""
     parts: list[RenderableType] = [header(s), agents_table(s, now or time.time())]
@@ -161,6 +184,9 @@ def render(s: Status, now: float | None = None) -> Group:
         parts.append(traffic_table(s))
     if s.history:
         parts.append(history_table(s))
+    selection = selection_table(s)
+    if selection is not None:
+        parts.append(selection)
     rejected = {k: n for k, n in s.rejected.items() if n}
     if rejected:
         parts.append(Text("rejected: " + ", ".join(f"{k} {n}" for k, n in sorted(rejected.items())),

@@ -11,7 +11,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from fsl_edge.config import (CompressionSettings, LearningSettings, LoraSettings, Preset,
+from fsl_edge.config import (CompressionSettings, LearningSettings, LoraSettings, Policy,
+                             PrefixSettings, Preset, SelectionSettings,
                              RuntimeSettings, SplitMode, SplitSettings, TrainSettings)
 from fsl_edge.coordinator.settings import CoordinatorSettings
 from fsl_edge.errors import ConfigError
@@ -35,6 +36,9 @@ def up(
     eval_samples: Annotated[int, typer.Option(help="Held-out samples per site for before/after.")] = 32,
     seed: Annotated[int, typer.Option(help="Seed for everything.")] = 0,
     compression: Annotated[Preset, typer.Option(help="What travels on the wire: none (fp32), lossless, balanced (about 10x fewer bytes), aggressive; see BENCHMARKS.md.")] = Preset.LOSSLESS,
+    frozen_prefix: Annotated[int, typer.Option(help="Site blocks from the front without LoRA; their outputs are cached on disk (at most the cut).")] = 0,
+    send_keys: Annotated[bool, typer.Option(help="With --frozen-prefix = the cut: send sample keys once the server holds a sample's prefix activation (keeps them on the server).")] = False,
+    layers: Annotated[Policy, typer.Option(help="Which LoRA blocks train each epoch: all, topk-gradnorm, freeze-front, random.")] = Policy.ALL,
 ) -> None:
     """Run a federation on this machine: broker, coordinator and agents, then a summary."""
     from fsl_edge.runs import ensure_demo_data
@@ -50,7 +54,9 @@ def up(
         split=SplitSettings(mode=mode), lora=LoraSettings(),
         train=TrainSettings(rounds=rounds, steps=steps, batch_size=batch_size, max_len=max_len,
                             lr=lr, seed=seed),
-        compression=CompressionSettings(preset=compression))
+        compression=CompressionSettings(preset=compression),
+        prefix=PrefixSettings(frozen=frozen_prefix, send_keys=send_keys),
+        selection=SelectionSettings(policy=layers))
     settings = CoordinatorSettings(model=model, training=training, runtime=RuntimeSettings(
         run_id=f"up-{int(time.time())}", resend_s=30.0, offline_after_s=60.0), status_port=0)
     fed = prepare(workdir, settings, names[:agents], data_dir, broker, embedded)

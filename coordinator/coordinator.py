@@ -22,10 +22,9 @@ from fsl_edge.aggregation import fedavg, server_step
 from fsl_edge.compression import Downlink, StepCodec, aggregate
 from fsl_edge.errors import CodecError, ProtocolError
 from fsl_edge.protocol import Envelope, MessageKind
-from fsl_edge.simulation import party_options
 from fsl_edge.split import check_parity, discover
 from fsl_edge.status import AgentStatus, RoundRecord, Status, Traffic
-from fsl_edge.step import ServerPart, SitePart
+from fsl_edge.step import ServerPart, SitePart, party_options
 from fsl_edge.transport import MqttLink, Received
 from fsl_edge.wire import (Address, adapter_envelope, adapter_state, meta_number, raw_bytes,
                            step_message)
@@ -69,6 +68,9 @@ class Coordinator:
         self.status = Status(run=self.run_id, rounds=train.rounds, steps=train.steps,
                              model=settings.model, mode=self.cut.mode.value, started_at=time.time())
         self.welcomed: set[str] = set()
+        # agents that have loaded their model and data: only they are given a place in a round
+        # (an agent still loading would hold up the split server's order)
+        self.ready: set[str] = set()
         self.rejected: Counter[str] = Counter()  # by reason; the link counts what it drops
         self.heard: dict[str, float] = {}  # agent -> monotonic time its last message arrived
         self.round, self.active, self.attempts, self.attempt = 0, False, 0, ""
@@ -207,6 +209,10 @@ class Coordinator:
             # without it, and it joins the next one
             self.gone(agent, "restarted mid-round")
         self.welcomed.add(agent)
+        if env.meta.get("ready", True) is False:  # agents that do not say are ready
+            self.ready.discard(agent)
+        else:
+            self.ready.add(agent)
         st = self.status.agents[agent]
         if st.state in ("offline", "dropped"):
             st.state = "online"
@@ -255,6 +261,8 @@ class Coordinator:
         st = self.status.agents[agent]
         st.state, st.loss, st.tokens = "online", loss, st.tokens + tokens
         st.layers, st.cache = reported_layers(env.meta), reported_cache(env.meta)
+        backend = env.meta.get("prefix_backend")
+        st.prefix_backend = backend[:64] if isinstance(backend, str) else None
         st.tokens_per_s = tokens / max(time.monotonic() - self.round_started, 1e-6)
 
     def gone(self, agent: str, why: str) -> None:
@@ -276,7 +284,7 @@ class Coordinator:
         return f"{self.incarnation}-{self.downlink.version}"
 
     def online(self) -> list[str]:
-        return sorted(a for a in self.welcomed if self.status.agents[a].state != "offline")
+        return sorted(a for a in self.ready if self.status.agents[a].state != "offline")
 
     def maybe_start(self) -> None:
         # the first round of this process (a fresh run, or one resumed after a crash) waits for

@@ -138,8 +138,10 @@ class Agent:
         return {k: meta_number(timing, k, float, minimum=0.05) for k in self.timing}
 
     def hello(self, resync: bool = False) -> Envelope:
+        # ready: it has built its part; until then it is welcomed but given no place in a round
         return Envelope(MessageKind.HELLO, self.run_id, self.me,
-                        meta={"rounds_done": self.rounds_done, "resync": resync})
+                        meta={"rounds_done": self.rounds_done, "resync": resync,
+                              "ready": self.part is not None})
 
     def heartbeats(self) -> None:
         while not self._stop.wait(self.timing["heartbeat_s"]):
@@ -157,11 +159,12 @@ class Agent:
             self.codec, self.uplink = StepCodec(pipes), Uplink(pipes.upload)
             self.part, self.stream = self.build(welcome.meta)
             self.rounds_done = state.load(self.settings.workdir, self.part, self.stream)
-            idle, unsent, instruction = self.hello(), False, None
+            idle, unsent, instruction = self.hello(), True, None  # says it is ready
             while True:
                 if instruction is None:
                     instruction = self.request(idle, {MessageKind.ROUND_START, MessageKind.ROUND_END},
                                                send=unsent)
+                    unsent = False
                 if instruction.kind is MessageKind.ROUND_END:
                     if instruction.meta.get("finished"):
                         log.info("%s: the run is finished", self.me)
@@ -216,7 +219,8 @@ class Agent:
                                   {"tokens": tokens, "loss": loss_sum / steps, "attempt": self.attempt,
                                    "version": self.version, "seconds": time.monotonic() - started,
                                    "layers": part.selector.history[-8:],
-                                   "cache": part.prefix.cache.stats.as_dict() if part.prefix.cache else {}},
+                                   "cache": part.prefix.cache.stats.as_dict() if part.prefix.cache else {},
+                                   "prefix_backend": part.prefix.provider},
                                   self.uplink.stages)
         self.send(upload)
         # Saved after the upload is on its way, so the disk writes (fsync) overlap the

@@ -10,9 +10,9 @@ from fsl_edge import protocol
 from fsl_edge.data import BatchStream, examples_digest, load_samples, pad_id_of, tokenize
 from fsl_edge.models import load
 from fsl_edge.config import LearningSettings
-from fsl_edge.simulation import party_options, site_seed
+from fsl_edge.simulation import site_seed
 from fsl_edge.split import discover
-from fsl_edge.step import SitePart
+from fsl_edge.step import SitePart, party_options
 from fsl_edge.transport import MqttLink
 
 from .agent import Agent
@@ -36,6 +36,7 @@ def builder(settings: AgentSettings):
         part = SitePart(loaded.model, cut, training.lora, train.lr, **party_options(training),
                         cache=(settings.cache_dir or settings.workdir / "cache", settings.cache_bytes))
         part.data_digest = examples_digest(examples)
+        part.prefix.prepare(part.frozen_front)
         stream = BatchStream(examples, train.batch_size, site_seed(train.seed, settings.agent_id),
                              pad_id_of(loaded.tokenizer))
         log.info("%s: %d examples, cut %d/%d (%s)", settings.agent_id, len(examples), cut.a,

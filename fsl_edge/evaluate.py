@@ -12,7 +12,7 @@ from .baselines import evaluator
 from .config import LearningSettings
 from .simulation import SiteData, eval_batches, heldout_losses
 from .split import discover
-from .step import ServerPart, SitePart, split_eval
+from .step import ServerPart, SitePart, party_options, split_eval
 
 
 def load_result(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -25,8 +25,9 @@ def split_evaluator(model: torch.nn.Module, settings: LearningSettings, site_ada
                     server_adapter: dict):
     """(sum of token losses, tokens) of a batch through the split with a federation's adapters."""
     cut = settings.split.cut(discover(model).n_blocks)
-    site = SitePart(copy.deepcopy(model), cut, settings.lora, settings.train.lr)
-    server = ServerPart(copy.deepcopy(model), cut, settings.lora, settings.train.lr)
+    site = SitePart(copy.deepcopy(model), cut, settings.lora, settings.train.lr, **party_options(settings))
+    server = ServerPart(copy.deepcopy(model), cut, settings.lora, settings.train.lr,
+                        **party_options(settings))
     site.load_adapter(site_adapter)
     server.load_adapter(server_adapter)
     site.model.eval()

@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import tempfile
 from collections import OrderedDict
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -48,6 +51,19 @@ def sample_key(input_ids: torch.Tensor) -> str:
     return hashlib.blake2b(input_ids.to(torch.int64).numpy().tobytes(), digest_size=16).hexdigest()
 
 
+def resolve_backend(name: str, device: torch.device) -> str:
+    """auto -> onnxruntime on a CPU (measured faster there), torch on a GPU (not measured)."""
+    if name != "auto":
+        return name
+    if device.type != "cpu":
+        return "torch"
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return "torch"
+    return "onnxruntime"
+
+
 class SitePrefix:
     """Computes blocks [0, length) of a site's model per sample, through an optional cache.
 
@@ -56,12 +72,37 @@ class SitePrefix:
     from one sample's ids (T,) to its hidden states (1, T, C), torch's by default.
     """
 
-    def __init__(self, parts: ModelParts, backend_name: str = "torch", cache=None,
+    def __init__(self, parts: ModelParts, backend_name: str = "auto", cache=None,
                  backend: Callable[[int, str], Callable[[torch.Tensor], torch.Tensor]] | None = None):
-        self.parts, self.backend_name, self.cache_at, self.cache = parts, backend_name, cache, None
-        self.backend = backend or (lambda length, fingerprint: self.torch_forward(length))
+        self.parts, self.cache_at, self.cache = parts, cache, None
+        self.backend_name = resolve_backend(backend_name, parts.embed.weight.device)
+        self.backend = backend or (self.onnx_forward if self.backend_name == "onnxruntime"
+                                   else lambda length, fingerprint: self.torch_forward(length))
+        self.provider = "torch" if self.backend_name == "torch" else None  # what really ran it
         self._base_digests: dict[str, bytes] = {}  # frozen base weights never change
+        self._forwards: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}  # by fingerprint
         self.computed = 0  # samples whose prefix was computed here (not read from the cache)
+
+    def onnx_forward(self, length: int, fingerprint: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The prefix exported to ONNX (once per fingerprint, kept next to the cache) and run
+        with ONNX Runtime; `provider` says which of its providers runs it."""
+        from .onnx_prefix import OrtPrefix, export_prefix
+
+        if fingerprint not in self._forwards:
+            folder = (Path(self.cache_at[0]) if self.cache_at else
+                      Path(tempfile.gettempdir()) / f"fsl-edge-onnx-{os.getpid()}") / "onnx"
+            path = folder / f"{fingerprint}.onnx"
+            if not path.is_file():
+                folder.mkdir(parents=True, exist_ok=True)
+                for old in folder.glob("*.onnx"):  # another prefix's: hundreds of MB each
+                    old.unlink(missing_ok=True)
+                export_prefix(self.parts, length, path, fingerprint=fingerprint)
+            device = str(self.parts.embed.weight.device)
+            ort = OrtPrefix(path, "cuda" if device.startswith("cuda") else "cpu",
+                            expect_f=length, expect_fingerprint=fingerprint)
+            self.provider = f"onnxruntime {ort.provider}"
+            self._forwards = {fingerprint: lambda ids: ort(ids).to(self.parts.embed.weight.device)}
+        return self._forwards[fingerprint]
 
     def torch_forward(self, length: int) -> Callable[[torch.Tensor], torch.Tensor]:
         @torch.no_grad()
@@ -93,6 +134,12 @@ class SitePrefix:
                     digest = self._base_digests.get(key) or self._base_digests.setdefault(key, _digest(t))
                 h.update(key.encode() + digest)
         return h.hexdigest()[:32]
+
+    def prepare(self, length: int) -> None:
+        """Build the backend for a prefix now (an ONNX export takes seconds), not in a step,
+        where the split server would wait on it."""
+        if length:
+            self.backend(length, self.fingerprint(length))
 
     def open_cache(self, fingerprint: str):
         if self.cache_at is None:

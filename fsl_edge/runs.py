@@ -39,7 +39,9 @@ def run_simulation(model_spec: str, data_dir: Path | None, out_dir: Path,
     site_data = load_sites(data_dir, loaded.tokenizer, settings.train.max_len, sites)
     if on_loaded:
         on_loaded(loaded, site_data)
-    result = simulate(loaded.model, site_data, settings, pad_id_of(loaded.tokenizer), on_round)
+    # each site's prefix cache lives under the run folder, as an agent's under its workdir
+    result = simulate(loaded.model, site_data, settings, pad_id_of(loaded.tokenizer), on_round,
+                      cache_dir=out_dir / "cache")
     meta = {"model": loaded.source.describe(), "data": str(data_dir)}
     save_tensors(out_dir / "site_adapter.safetensors", result.site_adapter, meta)
     save_tensors(out_dir / "server_adapter.safetensors", result.server_adapter, meta)

@@ -23,7 +23,7 @@ from .config import LearningSettings
 from .data import Batch, BatchStream, Example, collate, examples_digest
 from .messages import ADAPTER_DOWN, ADAPTER_UP, KINDS
 from .split import check_parity, discover
-from .step import ServerPart, SitePart, split_eval, split_step
+from .step import ServerPart, SitePart, party_options, split_eval, split_step
 
 
 @dataclass
@@ -55,11 +55,6 @@ class SimulationResult:
     site_adapter: dict[str, torch.Tensor]  # the global (averaged) site adapter
     server_adapter: dict[str, torch.Tensor]  # the trunk adapter
     metadata: dict = field(default_factory=dict)
-
-
-def party_options(settings: LearningSettings) -> dict:
-    """What a SitePart or ServerPart takes from the run's settings besides the LoRA and lr."""
-    return {"prefix": settings.prefix, "selection": settings.selection, "seed": settings.train.seed}
 
 
 def site_seed(seed: int, name: str) -> int:

@@ -39,6 +39,9 @@ class AgentStatus(BaseModel):
     """Per message kind, both directions between this agent and the coordinator."""
     layers: list[tuple[int, list[int]]] = Field(default_factory=list)
     """Layer selection at this site: (epoch, the LoRA blocks trainable in it), latest last."""
+    prefix_backend: str | None = None
+    """What computes the site's frozen prefix: torch, or onnxruntime with the provider it really
+    uses (it falls back to the CPU silently); None before the first frozen-prefix step."""
     cache: dict[str, float] = Field(default_factory=dict)
     """The site's prefix activation cache: hits, misses, corrupt, evictions, entries, bytes,
     hit_rate (empty without a frozen prefix)."""

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .compression import StepCodec
-from .config import Cut, LoraSettings, PrefixSettings, SelectionSettings, SplitMode
+from .config import Cut, LearningSettings, LoraSettings, PrefixSettings, SelectionSettings, SplitMode
 from .data import Batch
 from .errors import ProtocolError
 from .lora import adapter_state, attach, load_adapter_state
@@ -251,6 +251,11 @@ class ServerPart(_Party):
     def drop_pending(self, key: object) -> None:
         """Forget a step whose site went away, so its graph is freed."""
         self._pending.pop(key, None)
+
+
+def party_options(settings: LearningSettings) -> dict:
+    """What a SitePart or ServerPart takes from the run's settings besides the LoRA and lr."""
+    return {"prefix": settings.prefix, "selection": settings.selection, "seed": settings.train.seed}
 
 
 @dataclass

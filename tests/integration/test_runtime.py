@@ -55,7 +55,7 @@ def test_a_compressed_run_equals_the_compressed_simulation(tmp_path, mosquitto_s
 def test_a_cached_prefix_with_keys_and_layer_selection_equals_the_simulation(tmp_path, mosquitto_server):
     # 8 samples a site, batch 4: 2 steps an epoch, 6 epochs
     fed = federation(tmp_path, mosquitto_server.url, rounds=3, steps=4, per_site=8,
-                     prefix=PrefixSettings(frozen=2, send_keys=True),
+                     prefix=PrefixSettings(frozen=2, send_keys=True, backend="onnxruntime"),
                      selection=SelectionSettings(policy="topk-gradnorm", fraction=0.5))
     try:
         fed.start()
@@ -94,7 +94,7 @@ def test_coordinator_killed_mid_round_resumes_from_its_checkpoint(tmp_path, mosq
     # layer selection: the new coordinator holds no copies, and its trunk's selection comes
     # back from the checkpoint
     fed = federation(tmp_path, mosquitto_server.url, rounds=3, steps=25,
-                     prefix=PrefixSettings(frozen=2, send_keys=True),
+                     prefix=PrefixSettings(frozen=2, send_keys=True, backend="torch"),
                      selection=SelectionSettings(policy="topk-gradnorm", fraction=0.5))
     try:
         fed.start()

@@ -113,3 +113,29 @@ def test_an_out_of_range_option_exits_with_the_config_error_code(tmp_path, capsy
 def test_an_unknown_option_is_a_usage_error(capsys):
     assert main(["simulate", "--no-such-option"]) == 2
     assert "No such option" in capsys.readouterr().err
+
+
+def test_simulate_with_a_cached_prefix_keys_and_layer_selection(tmp_path, capsys):
+    out_dir = tmp_path / "run"
+    code = main(["simulate", "--model", "tiny-random-llama", "--rounds", "2", "--steps", "2",
+                 "--frozen-prefix", "2", "--send-keys", "--layers", "topk-gradnorm",
+                 "--out", str(out_dir)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert list((out_dir / "cache").glob("*/*/*.act")), "the sites' prefix caches are under the run"
+
+
+@pytest.mark.parametrize("argv, code, message", [
+    (["--frozen-prefix", "3"], ModelError.exit_code,
+     "error: prefix.frozen=3 is more than the site's 2 front blocks (the cut a)"),
+    (["--frozen-prefix", "1", "--send-keys"], ModelError.exit_code,
+     "error: prefix.send_keys needs prefix.frozen = the cut a (2)"),
+    (["--send-keys"], ConfigError.exit_code, "send_keys needs a frozen prefix"),
+    (["--layers", "biggest"], 2, "biggest"),
+])
+def test_bad_prefix_and_layer_options_are_one_clear_error(tmp_path, capsys, argv, code, message):
+    got = main(["simulate", "--model", "tiny-random-llama", "--rounds", "1", "--steps", "1",
+                "--out", str(tmp_path / "run"), *argv])
+    err = capsys.readouterr().err
+    assert got == code
+    assert message in err and len(error_lines(err)) <= 3, err

@@ -11,20 +11,21 @@ from fsl_edge.data import BatchStream, Sample, tokenize
 from fsl_edge.errors import ProtocolError, SplitError
 from fsl_edge.messages import ACTIVATION_UP, ActivationUp
 from fsl_edge.prefix import MissingKeys, PrefixStore
-from fsl_edge.simulation import SiteData, party_options, simulate
+from fsl_edge.simulation import SiteData, simulate
 from fsl_edge.split import discover
-from fsl_edge.step import ServerPart, SitePart, split_step
+from fsl_edge.step import ServerPart, SitePart, party_options, split_step
 from fsl_edge.tiny import tiny_model, tiny_tokenizer
 
 PAD = tiny_tokenizer().pad_token_id
 
 
-def settings(frozen=2, send_keys=False, steps=4, rounds=2, **prefix) -> LearningSettings:
+def settings(frozen=2, send_keys=False, steps=4, rounds=2, backend="torch", **prefix) -> LearningSettings:
+    # torch unless a test is about ONNX Runtime: an export takes seconds
     return LearningSettings(
         lora=LoraSettings(rank=4, alpha=8),
         train=TrainSettings(lr=1e-2, batch_size=4, max_len=48, rounds=rounds, steps=steps, seed=0),
         compression=CompressionSettings(preset="none"),
-        prefix=PrefixSettings(frozen=frozen, send_keys=send_keys, **prefix))
+        prefix=PrefixSettings(frozen=frozen, send_keys=send_keys, backend=backend, **prefix))
 
 
 def examples(site: str, n: int, offset: int = 0):
@@ -234,3 +235,25 @@ def test_keys_without_a_fingerprint_or_of_the_wrong_shape_are_refused():
         ActivationUp(None, mask, pos, keys=torch.tensor([0, -1]), prefix="ab").validate(8)
     with pytest.raises(ProtocolError, match="needs keys"):
         ActivationUp(None, mask, pos).validate(8)
+
+
+def test_onnx_runtime_computes_the_prefix_and_says_where(tmp_path):
+    batch = batches(1)[0]
+    ort_part = site_part(settings(backend="auto"), cache=(tmp_path, 1 << 24))  # auto: ORT on a CPU
+    out, fp = ort_part.prefix.batch(batch, 2)
+    assert ort_part.prefix.provider == "onnxruntime CPUExecutionProvider"
+    assert [p.name for p in (tmp_path / "onnx").iterdir()] == [f"{fp}.onnx"]  # exported once
+    reference, fp_torch = site_part(settings()).prefix.batch(batch, 2)
+    assert fp != fp_torch  # the backend is part of what the cache is keyed by
+    assert torch.allclose(out, reference, rtol=0, atol=1e-4 * reference.abs().max().item())
+    # a restart reuses the export and the cached outputs, bit for bit
+    again = site_part(settings(backend="auto"), cache=(tmp_path, 1 << 24))
+    assert torch.equal(again.prefix.batch(batch, 2)[0], out) and again.prefix.computed == 0
+
+
+def test_an_onnx_runtime_prefix_learns_the_same_with_and_without_its_cache(tmp_path):
+    learning = settings(frozen=2, steps=2, rounds=2, backend="onnxruntime")
+    plain = simulate(tiny_model("llama"), sites(), learning, PAD)
+    cached = simulate(tiny_model("llama"), sites(), learning, PAD, cache_dir=tmp_path)
+    assert all(torch.equal(plain.site_adapter[k], cached.site_adapter[k]) for k in plain.site_adapter)
+    assert all(torch.equal(plain.server_adapter[k], cached.server_adapter[k]) for k in plain.server_adapter)

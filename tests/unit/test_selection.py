@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from fsl_edge.config import LearningSettings, LoraSettings, SelectionSettings, TrainSettings
+from fsl_edge.config import LearningSettings, LoraSettings, PrefixSettings, SelectionSettings, TrainSettings
 from fsl_edge.data import BatchStream, Sample, tokenize
 from fsl_edge.selection import LayerSelector
-from fsl_edge.simulation import SiteData, party_options, simulate
+from fsl_edge.simulation import SiteData, simulate
 from fsl_edge.split import discover
-from fsl_edge.step import ServerPart, SitePart, split_step
+from fsl_edge.step import ServerPart, SitePart, party_options, split_step
 from fsl_edge.tiny import tiny_model, tiny_tokenizer
 
 PAD = tiny_tokenizer().pad_token_id
@@ -17,7 +17,8 @@ PAD = tiny_tokenizer().pad_token_id
 def learning(policy="all", **kw) -> LearningSettings:
     return LearningSettings(lora=LoraSettings(rank=4, alpha=8),
                             train=TrainSettings(lr=1e-2, batch_size=4, max_len=48, rounds=2, steps=2),
-                            selection=SelectionSettings(policy=policy, **kw))
+                            selection=SelectionSettings(policy=policy, **kw),
+                            prefix=PrefixSettings(backend="torch"))  # a frozen front: no export
 
 
 def examples(site, n, offset=0):
