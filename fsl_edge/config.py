@@ -247,14 +247,13 @@ class LearningSettings(_Strict):
         return self
 
     def check_prefix(self, cut: Cut) -> None:
-        """Refuse a frozen prefix the cut cannot hold, or one that leaves a site nothing to train."""
+        """Refuse a frozen prefix the cut cannot hold. In vanilla mode, frozen = a leaves the sites
+        nothing to train: they send their (cached) activations and labels, the server trains
+        the rest (the activation-caching report's design)."""
         frozen = self.prefix.frozen
         if frozen > cut.a:
             raise SplitError(f"prefix.frozen={frozen} is more than the site's {cut.a} front blocks "
                              "(the cut a)")
-        if frozen == cut.a and cut.mode is SplitMode.VANILLA:
-            raise SplitError(f"prefix.frozen={frozen} freezes every site block in vanilla mode: "
-                             "the sites would have no LoRA to train")
         if self.prefix.send_keys and frozen != cut.a:
             raise SplitError(f"prefix.send_keys needs prefix.frozen = the cut a ({cut.a}), so "
                              f"the activation at the cut is the cached prefix; it is {frozen}")

@@ -74,7 +74,7 @@ class LayerSelector:
 
     def _choose(self, epoch: int, measured: dict[int, float]) -> set[int]:
         policy = self.settings.policy
-        if policy is Policy.ALL:
+        if policy is Policy.ALL or not self.blocks:
             return set(self.blocks)
         if policy is Policy.RANDOM:
             return set(random.Random(self.seed * 1_000_003 + epoch).sample(self.blocks, self.budget))

@@ -41,13 +41,16 @@ class _Party:
         the same); `selectable_front`: the blocks freeze-front may freeze, in order."""
         self.cut = cut
         self.device = next(model.parameters()).device  # messages arrive on the CPU
-        self.model = attach(model, blocks, lora)
+        if blocks:
+            self.model = attach(model, blocks, lora)
+        else:  # a site whose every block is frozen (vanilla, prefix.frozen = a) trains nothing
+            self.model = model.requires_grad_(False)
         self.parts = discover(self.model)
         if not keep_all_blocks:
             drop_blocks(self.parts, run_blocks_ or blocks)
         self.model.train()
-        self.optimizer = torch.optim.AdamW(
-            [p for p in self.model.parameters() if p.requires_grad], lr=lr)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(trainable, lr=lr) if trainable else NoOptimizer()
         self.selector = LayerSelector(self.model, self.parts.blocks_name, blocks,
                                       selection or SelectionSettings(), seed, selectable_front)
 
@@ -61,10 +64,29 @@ class _Party:
         self.selector.at_epoch(epoch, self.optimizer)
 
     def adapter(self) -> dict[str, torch.Tensor]:
-        return adapter_state(self.model)
+        return adapter_state(self.model) if self.selector.blocks else {}
 
     def load_adapter(self, state: dict[str, torch.Tensor]) -> None:
-        load_adapter_state(self.model, state)
+        if self.selector.blocks or state:
+            load_adapter_state(self.model, state)
+
+
+class NoOptimizer:
+    """The optimizer of a party with nothing to train: state, steps and checkpoints are empty."""
+
+    state: dict = {}
+
+    def step(self) -> None:
+        pass
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {"state": {}, "param_groups": []}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
 
 class SitePart(_Party):
@@ -82,12 +104,15 @@ class SitePart(_Party):
         super().__init__(model, cut, lora_blocks, lora, lr, run_blocks_=cut.site_blocks,
                          selection=selection, seed=seed,
                          selectable_front=[b for b in range(frozen, cut.a)], **kw)
-        if lora.site_freeze_a:
+        if lora.site_freeze_a and lora_blocks:
             for name, p in self.model.named_parameters():
                 if "lora_A" in name:
                     p.requires_grad_(False)
             self.optimizer = torch.optim.AdamW(
                 [p for p in self.model.parameters() if p.requires_grad], lr=lr)
+            # the fixed A is never the selector's to unfreeze
+            self.selector.params = {b: [p for p in ps if p.requires_grad]
+                                    for b, ps in self.selector.params.items()}
         self.prefix = SitePrefix(self.parts, self.prefix_settings.backend, cache)
         self.data_digest = ""  # of the site's examples: names what its keys point to
         self.server_has: set[int] = set()  # send_keys: the keys whose activations the server holds

@@ -77,6 +77,22 @@ def test_a_cached_prefix_with_keys_and_layer_selection_equals_the_simulation(tmp
     assert_matches_simulation(fed)
 
 
+def test_vanilla_sites_that_train_nothing_send_keys_and_equal_the_simulation(tmp_path, mosquitto_server):
+    # the activation-caching report's design: every site block frozen, the server trains
+    fed = federation(tmp_path, mosquitto_server.url, mode=SplitMode.VANILLA, rounds=2, steps=4,
+                     per_site=8, prefix=PrefixSettings(frozen=2, send_keys=True, backend="torch"))
+    try:
+        fed.start()
+        status = finish(fed)
+    finally:
+        fed.stop()
+    assert status.state == "finished"
+    ups = [r.traffic["activation_up"] for r in status.history]
+    assert ups[1].raw_bytes < ups[0].raw_bytes / 2, ups  # round 2: keys only
+    assert status.traffic["adapter_up"].raw_bytes == 0  # nothing to federate at the sites
+    assert_matches_simulation(fed)
+
+
 def test_vanilla_mode_on_the_embedded_broker_equals_the_simulation(tmp_path, amqtt_server):
     fed = federation(tmp_path, amqtt_server.url, mode=SplitMode.VANILLA)
     try:
