@@ -33,7 +33,8 @@ def make_status() -> Status:
     now = time.time()
     site_a = AgentStatus(
         state="training", last_seen=now - 3, round=2, step=5, loss=2.5, tokens=1000,
-        tokens_per_s=250.0, rounds_contributed=1,
+        tokens_per_s=250.0, rounds_contributed=1, layers=[(0, [0, 1, 5]), (1, [5])],
+        cache={"hits": 30, "misses": 10, "entries": 10, "hit_rate": 0.75},
         traffic={"activation_up": Traffic(messages=10, bytes=MIB, raw_bytes=4 * MIB),
                  "gradient_down": Traffic(messages=10, bytes=2 * MIB, raw_bytes=4 * MIB)})
     odd = AgentStatus(state="offline", last_seen=now - 120, round=1, step=10, tokens=400)
@@ -47,7 +48,9 @@ def make_status() -> Status:
                              heldout_loss=2.9, tokens=1400, seconds=12.5),
                  RoundRecord(round=2, participants=["site-a"], train_loss=2.6, tokens=1000,
                              seconds=7.25)],
-        rejected={"malformed": 2, ODD_REASON: 1})
+        rejected={"malformed": 2, ODD_REASON: 1},
+        layers=[(0, list(range(2, 29))), (1, [3, 7, 9])],
+        prefix_store={"entries": 12, "bytes": 3 * MIB})
 
 
 class Controls:
@@ -187,6 +190,9 @@ def test_cli_shows_the_tables(server: StatusServer, capsys, monkeypatch) -> None
     assert "3s ago" in out and "2m ago" in out
     assert "4.00x" in out  # compression ratio
     assert "rejected: bad\nshape 1, malformed 2" in out
+    # layer selection per party and the prefix cache
+    assert "layers and cache" in out and "3, 7, 9" in out and "hit rate 75 % of 40" in out
+    assert "holds 12 (3.0 MiB)" in out
 
 
 def test_cli_json_is_a_status(server: StatusServer, capsys) -> None:
