@@ -257,10 +257,11 @@ class Coordinator:
         state = adapter_state(env, self.site_adapter, protocol.Limits().max_tensor_bytes)
         tokens = meta_number(env.meta, "tokens", int, minimum=1)
         loss = meta_number(env.meta, "loss", float)
+        layers, cache = reported_layers(env.meta), reported_cache(env.meta)
         self.uploads[agent] = Upload(state, tokens, loss)
         st = self.status.agents[agent]
         st.state, st.loss, st.tokens = "online", loss, st.tokens + tokens
-        st.layers, st.cache = reported_layers(env.meta), reported_cache(env.meta)
+        st.layers, st.cache = layers, cache
         backend = env.meta.get("prefix_backend")
         st.prefix_backend = backend[:64] if isinstance(backend, str) else None
         st.tokens_per_s = tokens / max(time.monotonic() - self.round_started, 1e-6)
@@ -365,8 +366,10 @@ def reported_layers(meta: dict) -> list[tuple[int, list[int]]]:
 
 
 def reported_cache(meta: dict) -> dict[str, float]:
+    """An agent's cache figures from its upload: finite, non-negative and bounded, else none."""
     cache = meta.get("cache")
     if not isinstance(cache, dict) or len(cache) > 16:
         return {}
-    return {k: float(v) for k, v in cache.items() if isinstance(k, str) and
-            isinstance(v, (int, float)) and not isinstance(v, bool)}
+    ok = {k: v for k, v in cache.items() if isinstance(k, str) and len(k) <= 32 and
+          isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1e18}
+    return {k: float(v) for k, v in ok.items()}

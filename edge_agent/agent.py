@@ -16,7 +16,6 @@ import time
 from fsl_edge import protocol
 from fsl_edge.compression import StepCodec, Uplink, apply
 from fsl_edge.config import LearningSettings, SplitMode
-from fsl_edge.errors import ProtocolError
 from fsl_edge.data import BatchStream
 from fsl_edge.protocol import Envelope, Flag, MessageKind
 from fsl_edge.step import SitePart
@@ -120,16 +119,21 @@ class Agent:
     def ask(self, env: Envelope, answer: MessageKind, round_: int, step: int):
         """One hop of a step: send it (tagged with the round's attempt), return the reply.
         If the server lost the activations the keys stood for, send them and ask again."""
-        for _ in range(3):
-            env.meta["attempt"] = self.attempt  # a reply to an older attempt is never taken for this
-            reply = self.request(env, {answer}, round_, step)
+        env.meta["attempt"] = self.attempt  # a reply to an older attempt is never taken for this
+        send, sent_hidden = True, any(t.name == "hidden" for t in env.tensors)
+        while True:
+            reply = self.request(env, {answer}, round_, step, send=send)
             if reply.meta.get("need_hidden") is not True:
                 return step_message(reply, self.limits.max_tensor_bytes)
+            if sent_hidden:  # a late answer to a resend of the keys: the activations are on their way
+                send = False
+                continue
             log.info("%s: the server holds no copy of step %d's activations; sending them",
                      self.me, step)
-            env = step_envelope(self.part.resend_activations(), Address(self.run_id, self.me, round_,
-                                                                      step), self.codec)
-        raise ProtocolError(f"the server keeps asking for step {step}'s activations")
+            env = step_envelope(self.part.resend_activations(),
+                                Address(self.run_id, self.me, round_, step), self.codec)
+            env.meta["attempt"] = self.attempt
+            send, sent_hidden = True, True
 
     def welcome_timing(self, meta: dict) -> dict[str, float]:
         timing = meta.get("timing")

@@ -36,7 +36,7 @@ def builder(settings: AgentSettings):
         part = SitePart(loaded.model, cut, training.lora, train.lr, **party_options(training),
                         cache=(settings.cache_dir or settings.workdir / "cache", settings.cache_bytes))
         part.data_digest = examples_digest(examples)
-        part.prefix.prepare(part.frozen_front)
+        part.prefix.prepare(training.prefix.frozen)  # the LoRA-free prefix: the same all run
         stream = BatchStream(examples, train.batch_size, site_seed(train.seed, settings.agent_id),
                              pad_id_of(loaded.tokenizer))
         log.info("%s: %d examples, cut %d/%d (%s)", settings.agent_id, len(examples), cut.a,

@@ -213,7 +213,9 @@ class PrefixSettings(_Strict):
     (bounded by `server_max_bytes`, dropped when the prefix changes)."""
     server_max_bytes: int = Field(2 << 30, ge=4096)
     """send_keys: the most bytes of prefix activations the server keeps over all sites (least
-    recently used go first; a site whose keys were dropped is asked for the activations again)."""
+    recently used go first; a site whose keys were dropped is asked for the activations again).
+    Size it to hold every site's data: epochs visit samples in cycles, and a cycle longer than
+    the bound misses on nearly every key, which costs more than sending activations at all."""
     backend: str = "auto"
     """What computes the frozen prefix: torch; onnxruntime (exported once per prefix, next to
     the cache; its CUDA provider when there is a GPU); or auto: onnxruntime on a CPU, where

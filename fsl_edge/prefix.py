@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import tempfile
 from collections import OrderedDict
 from pathlib import Path
@@ -27,9 +26,9 @@ import torch
 
 from .data import Batch
 from .errors import ProtocolError
-from .split import ModelParts, embed, positions, run_blocks
+from .split import ModelParts
 
-RULE = "per-sample-unpadded-v1"  # bump when the way a prefix output is computed changes
+RULE = "per-sample-unpadded-eval-v2"  # bump when the way a prefix output is computed changes
 
 
 class MissingKeys(ProtocolError):
@@ -68,57 +67,69 @@ class SitePrefix:
     """Computes blocks [0, length) of a site's model per sample, through an optional cache.
 
     `cache` is (folder, max_bytes) of an on-disk `ActivationCache`, opened at first use (with
-    the fingerprint it must hold), or None; `backend(length, fingerprint)` returns a function
-    from one sample's ids (T,) to its hidden states (1, T, C), torch's by default.
+    the fingerprint it must hold), or None. `static` is the length of the prefix that has no
+    LoRA at all (`prefix.frozen`): only it runs on ONNX Runtime, exported once; a longer prefix
+    (blocks a selection policy froze, whose LoRA weights move with every aggregation) runs in
+    torch, so a changed weight costs a recompute, never a new export inside a step.
     """
 
-    def __init__(self, parts: ModelParts, backend_name: str = "auto", cache=None,
-                 backend: Callable[[int, str], Callable[[torch.Tensor], torch.Tensor]] | None = None):
-        self.parts, self.cache_at, self.cache = parts, cache, None
-        self.backend_name = resolve_backend(backend_name, parts.embed.weight.device)
-        self.backend = backend or (self.onnx_forward if self.backend_name == "onnxruntime"
-                                   else lambda length, fingerprint: self.torch_forward(length))
-        self.provider = "torch" if self.backend_name == "torch" else None  # what really ran it
+    def __init__(self, parts: ModelParts, backend_name: str = "auto", cache=None, static: int = 0):
+        self.parts, self.cache_at, self.cache, self.static = parts, cache, None, static
+        self.device, self.dtype = parts.embed.weight.device, parts.embed.weight.dtype
+        self.backend_name = resolve_backend(backend_name, self.device)
+        self.provider: str | None = None  # what really computed the last prefix
         self._base_digests: dict[str, bytes] = {}  # frozen base weights never change
         self._forwards: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}  # by fingerprint
+        self._scratch: tempfile.TemporaryDirectory | None = None  # exports without a cache folder
         self.computed = 0  # samples whose prefix was computed here (not read from the cache)
 
-    def onnx_forward(self, length: int, fingerprint: str) -> Callable[[torch.Tensor], torch.Tensor]:
-        """The prefix exported to ONNX (once per fingerprint, kept next to the cache) and run
-        with ONNX Runtime; `provider` says which of its providers runs it."""
-        from .onnx_prefix import OrtPrefix, export_prefix
+    def backend_of(self, length: int) -> str:
+        return "onnxruntime" if self.backend_name == "onnxruntime" and length == self.static else "torch"
 
+    def forward(self, length: int, fingerprint: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        """A function from one sample's ids (T,) to its prefix output (1, T, C), on the CPU."""
         if fingerprint not in self._forwards:
-            folder = (Path(self.cache_at[0]) if self.cache_at else
-                      Path(tempfile.gettempdir()) / f"fsl-edge-onnx-{os.getpid()}") / "onnx"
-            path = folder / f"{fingerprint}.onnx"
-            if not path.is_file():
-                folder.mkdir(parents=True, exist_ok=True)
-                for old in folder.glob("*.onnx"):  # another prefix's: hundreds of MB each
-                    old.unlink(missing_ok=True)
-                export_prefix(self.parts, length, path, fingerprint=fingerprint)
-            device = str(self.parts.embed.weight.device)
-            ort = OrtPrefix(path, "cuda" if device.startswith("cuda") else "cpu",
-                            expect_f=length, expect_fingerprint=fingerprint)
-            self.provider = f"onnxruntime {ort.provider}"
-            self._forwards = {fingerprint: lambda ids: ort(ids).to(self.parts.embed.weight.device)}
+            if self.backend_of(length) == "onnxruntime":
+                run = self._onnx(length, fingerprint)
+            else:
+                from .onnx_prefix import TorchPrefix  # dropout off, no grad: the reference
+
+                run = TorchPrefix(self.parts, length)
+            self.provider = run.provider if run.provider == "torch" else f"onnxruntime {run.provider}"
+            self._forwards = {fingerprint: run}  # one prefix at a time: free the last one
         return self._forwards[fingerprint]
 
-    def torch_forward(self, length: int) -> Callable[[torch.Tensor], torch.Tensor]:
-        @torch.no_grad()
-        def run(ids: torch.Tensor) -> torch.Tensor:
-            ids = ids.view(1, -1)
-            mask = torch.ones_like(ids)
-            pos = positions(mask)
-            return run_blocks(self.parts, embed(self.parts, ids, pos), 0, length, mask, pos)
-        return run
+    def _onnx(self, length: int, fingerprint: str):
+        """The prefix exported to ONNX (once per fingerprint, kept next to the cache)."""
+        from .onnx_prefix import OrtPrefix, export_prefix
+
+        if self.cache_at is not None:
+            folder = Path(self.cache_at[0]) / "onnx"
+        else:
+            self._scratch = self._scratch or tempfile.TemporaryDirectory(prefix="fsl-edge-onnx-")
+            folder = Path(self._scratch.name)
+        path = folder / f"{fingerprint}.onnx"
+        if not path.is_file():
+            folder.mkdir(parents=True, exist_ok=True)
+            for old in folder.glob("*.onnx"):  # another prefix's: hundreds of MB each
+                old.unlink(missing_ok=True)
+            export_prefix(self.parts, length, path, fingerprint=fingerprint)
+        return OrtPrefix(path, "cuda" if self.device.type == "cuda" else "cpu",
+                         expect_f=length, expect_fingerprint=fingerprint)
 
     def fingerprint(self, length: int) -> str:
         import transformers
 
+        backend = {"name": self.backend_of(length), "device": str(self.device),
+                   "torch": torch.__version__, "transformers": transformers.__version__}
+        if self.device.type == "cuda":
+            backend["gpu"] = torch.cuda.get_device_name(self.device)
+        if backend["name"] == "onnxruntime":
+            import onnxruntime
+
+            backend["onnxruntime"] = onnxruntime.__version__
         h = hashlib.sha256(json.dumps({
-            "rule": RULE, "length": length, "backend": self.backend_name,
-            "torch": torch.__version__, "transformers": transformers.__version__,
+            "rule": RULE, "length": length, "backend": backend,
             "config": self.parts.config.to_dict()}, sort_keys=True, default=str).encode())
         modules = [("embed", self.parts.embed), ("pos", self.parts.pos_embed),
                    ("rotary", self.parts.rotary)] + [(f"block{i}", self.parts.blocks[i])
@@ -139,7 +150,7 @@ class SitePrefix:
         """Build the backend for a prefix now (an ONNX export takes seconds), not in a step,
         where the split server would wait on it."""
         if length:
-            self.backend(length, self.fingerprint(length))
+            self.forward(length, self.fingerprint(length))
 
     def open_cache(self, fingerprint: str):
         if self.cache_at is None:
@@ -148,7 +159,7 @@ class SitePrefix:
             from .activation_cache import ActivationCache
 
             self.cache = ActivationCache(self.cache_at[0], self.cache_at[1], fingerprint)
-        else:
+        elif self.cache.fingerprint != fingerprint:  # (re)indexing reads the whole folder
             self.cache.set_fingerprint(fingerprint)
         return self.cache
 
@@ -157,25 +168,23 @@ class SitePrefix:
         fingerprint they were computed under; through the cache if `cached` (and there is one)."""
         fingerprint = self.fingerprint(length)
         cache = self.open_cache(fingerprint) if cached else None
-        forward = None
-        mask = batch.attention_mask
+        mask = batch.attention_mask.cpu()
+        ids_cpu = batch.input_ids.cpu()
         lengths = mask.sum(dim=1).tolist()
-        out = None
+        out = torch.zeros((len(lengths), mask.shape[1], self.parts.hidden_size), dtype=self.dtype,
+                          device=batch.input_ids.device)
         for i, n in enumerate(lengths):
             if n == 0 or not bool(mask[i, :n].all()):
                 raise ValueError("the frozen prefix needs right-padded batches with a token first")
-            ids = batch.input_ids[i, :n]
+            ids = ids_cpu[i, :n]
             key = sample_key(ids)
             h = cache.get(key) if cache is not None else None
             if h is None:
-                forward = forward or self.backend(length, fingerprint)
-                h = forward(ids)[0]  # (n, C)
+                h = self.forward(length, fingerprint)(ids)[0]  # (n, C), CPU
                 self.computed += 1
                 if cache is not None:
                     cache.put(key, h)
-            if out is None:
-                out = h.new_zeros((len(lengths), mask.shape[1], h.shape[-1]))
-            out[i, :n] = h
+            out[i, :n] = h.to(out.device, out.dtype)
         return out, fingerprint
 
 

@@ -97,6 +97,7 @@ def simulate(model: torch.nn.Module, sites: Sequence[SiteData], settings: Learni
              for s in sites]
     for part, s in zip(parts, sites):
         part.data_digest = examples_digest(s.train)
+        part.prefix.prepare(settings.prefix.frozen)  # an export, as agents do before their rounds
     site_adapter = parts[0].adapter()  # one common initialisation, as the coordinator sends it
     streams = [BatchStream(s.train, train.batch_size, site_seed(train.seed, s.name), pad_id)
                for s in sites]

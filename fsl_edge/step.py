@@ -113,7 +113,7 @@ class SitePart(_Party):
             # the fixed A is never the selector's to unfreeze
             self.selector.params = {b: [p for p in ps if p.requires_grad]
                                     for b, ps in self.selector.params.items()}
-        self.prefix = SitePrefix(self.parts, self.prefix_settings.backend, cache)
+        self.prefix = SitePrefix(self.parts, self.prefix_settings.backend, cache, static=frozen)
         self.data_digest = ""  # of the site's examples: names what its keys point to
         self.server_has: set[int] = set()  # send_keys: the keys whose activations the server holds
         self._wire_prefix: str | None = None
@@ -223,6 +223,7 @@ class ServerPart(_Party):
         super().__init__(model, cut, cut.server_blocks, lora, lr, selection=selection, seed=seed,
                          **kw)
         self.store = PrefixStore((prefix or PrefixSettings()).server_max_bytes)
+        self.site_epochs: dict[str, int] = {}  # the last epoch each site said it is in
         self._pending: dict[object, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def trunk(self, up: ActivationUp) -> torch.Tensor:
@@ -239,7 +240,12 @@ class ServerPart(_Party):
         `site` names the sender: its keys index its own copies. MissingKeys when keys stand for
         copies this server no longer holds."""
         up.validate(self.parts.hidden_size)
-        # the trunk re-selects its layers when the first site starts a new epoch
+        # the trunk re-selects its layers when the first site starts a new epoch; a site can
+        # move on by one epoch at a time (it may go back: a replayed round rewinds it)
+        ceiling = max(self.site_epochs.get(site, 0), self.selector.epoch) + 1
+        if not 0 <= up.epoch <= ceiling:
+            raise ProtocolError(f"epoch {up.epoch} from {site or 'a site'} is outside 0..{ceiling}")
+        self.site_epochs[site] = up.epoch
         self.at_epoch(up.epoch)
         hidden = up.hidden
         if up.keys is not None:

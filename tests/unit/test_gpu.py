@@ -44,3 +44,25 @@ def test_qlora_loads_a_pulled_model_in_4bit(tmp_path):
     pull("smollm2", settings=settings)
     loaded = load("smollm2", settings=settings, device="cuda", quantize="4bit")
     assert getattr(loaded.model, "is_loaded_in_4bit", False)
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_a_cached_frozen_prefix_on_gpu_matches_cpu(tmp_path, backend):
+    from fsl_edge.config import PrefixSettings
+    from fsl_edge.data import BatchStream, Sample, tokenize
+    from fsl_edge.tiny import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    examples = tokenize([Sample("", "note " + "x" * i) for i in range(8)], tok, max_len=32)
+    batch = next(BatchStream(examples, 4, seed=0, pad_id=tok.pad_token_id))
+    cut = SplitSettings().cut(6)
+    prefix = PrefixSettings(frozen=1, backend=backend)  # frozen < a: block 1 runs after it
+    outs = {}
+    for device in ("cpu", "cuda"):
+        site = SitePart(tiny_model("llama").to(device), cut, LoraSettings(rank=4), 1e-2,
+                        prefix=prefix, cache=(tmp_path / device, 1 << 24))
+        first = site.front(batch).hidden
+        again = site.front(batch).hidden  # from the cache, moved to the device
+        assert again.device.type == device and torch.equal(first, again)
+        outs[device] = first.detach().cpu()
+    assert torch.allclose(outs["cuda"], outs["cpu"], atol=1e-4)

@@ -272,3 +272,31 @@ def test_vanilla_sites_with_every_block_frozen_send_keys_and_labels_only(tmp_pat
     for r in (2, 3):
         assert keyed.rounds[r].bytes[ACTIVATION_UP] < plain.rounds[r].bytes[ACTIVATION_UP] * 0.2
     assert keyed.rounds[2].bytes["adapter_up"] == 0 and keyed.rounds[2].bytes["gradient_down"] == 0
+
+
+def test_a_site_cannot_jump_the_trunks_epoch():
+    learning = settings(frozen=0)
+    model = tiny_model("llama")
+    cut = learning.split.cut(discover(model).n_blocks)
+    site = site_part(learning, model=tiny_model("llama"))
+    server = ServerPart(model, cut, learning.lora, learning.train.lr, **party_options(learning))
+    up = site.forward_front(batches(1)[0])
+    up.epoch = 10**18
+    with pytest.raises(ProtocolError, match="epoch 1000000000000000000 from ana is outside 0..1"):
+        server.forward(0, up, site="ana")
+    up.epoch = -1
+    with pytest.raises(ProtocolError, match="outside"):
+        server.forward(0, up, site="ana")
+    up.epoch = 1
+    server.forward(0, up, site="ana")
+    assert server.selector.epoch == 1
+
+
+def test_what_agents_report_about_their_cache_and_layers_is_checked():
+    from fsl_edge.coordinator.coordinator import reported_cache, reported_layers
+
+    assert reported_cache({"cache": {"hits": 3, "hit_rate": 0.5}}) == {"hits": 3.0, "hit_rate": 0.5}
+    assert reported_cache({"cache": {"hits": float("inf"), "misses": 10**400, "x": True}}) == {}
+    assert reported_cache({"cache": "lots"}) == {}
+    assert reported_layers({"layers": [[0, [1, 2]], [1, [2]]]}) == [(0, [1, 2]), (1, [2])]
+    assert reported_layers({"layers": [[0, ["a"]]]}) == [] and reported_layers({}) == []
