@@ -1,0 +1,88 @@
+"""Entries of Mosquitto's password file and ACL file, as kept in Secret fsl-broker-auth.
+
+Both files are sets of per-user entries: this module changes one user's entry and leaves every
+other line as it was, so the coordinator's entry and each site's can be written independently.
+
+- passwd: one `user:hash` line per user; the hash is Mosquitto 2's `$7$` format
+  (PBKDF2-HMAC-SHA512, 101 iterations, 12-byte salt, base64), what `mosquitto_passwd` writes.
+- acl: lines before the first `user` line are global (comments, `pattern` lines); then one
+  block per user: a `user NAME` line followed by its `topic ...` lines.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+
+ITERATIONS = 101  # mosquitto_passwd's own choice
+
+
+def hash_password(password: str, salt: bytes | None = None) -> str:
+    """A password-file hash Mosquitto 2 accepts, with a fresh random salt unless given."""
+    salt = os.urandom(12) if salt is None else salt
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, ITERATIONS)
+    return f"$7${ITERATIONS}${_b64(salt)}${_b64(digest)}"
+
+
+def check_password(hashed: str, password: str) -> bool:
+    """Whether `password` matches a `$7$` hash (any other format: False)."""
+    parts = hashed.split("$")
+    if len(parts) != 5 or parts[1] != "7" or not parts[2].isdigit():
+        return False
+    salt, digest = base64.b64decode(parts[3]), base64.b64decode(parts[4])
+    return hmac.compare_digest(hashlib.pbkdf2_hmac("sha512", password.encode(), salt,
+                                                   int(parts[2])), digest)
+
+
+def passwd_users(passwd: str) -> dict[str, str]:
+    """user -> hash of a password file."""
+    entries = {}
+    for line in passwd.splitlines():
+        if line.strip() and not line.startswith("#") and ":" in line:
+            user, hashed = line.split(":", 1)
+            entries[user] = hashed
+    return entries
+
+
+def with_password(passwd: str, user: str, password: str) -> str:
+    """`passwd` where `user` logs in with `password`: unchanged if it already does."""
+    if check_password(passwd_users(passwd).get(user, ""), password):
+        return passwd
+    kept = [line for line in passwd.splitlines() if line.split(":", 1)[0] != user]
+    return "\n".join(kept + [f"{user}:{hash_password(password)}"]) + "\n"
+
+
+def acl_blocks(acl: str) -> tuple[list[str], dict[str, list[str]]]:
+    """(global lines, user -> that user's lines after its `user` line) of an ACL file."""
+    head: list[str] = []
+    blocks: dict[str, list[str]] = {}
+    current = head
+    for line in acl.splitlines():
+        words = line.split()
+        if len(words) == 2 and words[0] == "user":
+            current = blocks.setdefault(words[1], [])
+        elif line.strip():
+            current.append(line)
+    return head, blocks
+
+
+def with_acl(acl: str, user: str, topics: list[str]) -> str:
+    """`acl` where `user` may exactly read and write `topics`: unchanged if it already may."""
+    head, blocks = acl_blocks(acl)
+    wanted = [f"topic readwrite {t}" for t in topics]
+    if blocks.get(user) == wanted:
+        return acl
+    blocks[user] = wanted
+    return render_acl(head, blocks)
+
+
+def render_acl(head: list[str], blocks: dict[str, list[str]]) -> str:
+    parts = ["\n".join(head)] if head else []
+    parts += ["\n".join([f"user {u}", *lines]) for u, lines in blocks.items()]
+    return "\n\n".join(parts) + "\n"
+
+
+def _b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode()

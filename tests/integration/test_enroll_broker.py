@@ -1,0 +1,206 @@
+"""What `enroll` and `revoke` write, loaded into a real Mosquitto: each node reaches its own topics
+and the broadcast only, a wrong password is refused, and a revoked node cannot connect again.
+
+Mosquitto acknowledges a denied publish (PUBACK) and then drops it, and grants a denied
+subscription; so every check here is on what arrives. A node's messages reach a subscriber in
+the order it sent them, so a permitted message sent after the denied ones marks the point by
+which a denied one would have arrived.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from fsl_edge import protocol
+from fsl_edge.broker import BrokerProcess, find_mosquitto, free_port
+from fsl_edge.enroll import LocalStore, enroll, revoke
+
+pytestmark = pytest.mark.integration
+RUN = "trial"
+COORDINATOR_PASSWORD = "coordinator-secret"
+TIMEOUT_S = 10.0
+GRACE_S = 0.5  # how long a message that crosses connections gets to arrive before we say it won't
+
+
+class Session:
+    """A connected paho client (MQTT 3.1.1, QoS 1) that queues what it receives."""
+
+    def __init__(self, client: mqtt.Client):
+        self.client = client
+        self.inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        self.suback = threading.Event()
+        client.on_message = lambda c, u, msg: self.inbox.put((msg.topic, msg.payload))
+        client.on_subscribe = lambda c, u, mid, codes, props: self.suback.set()
+
+    def subscribe(self, *topics: str) -> None:
+        self.suback.clear()
+        self.client.subscribe([(t, protocol.QOS) for t in topics])
+        assert self.suback.wait(TIMEOUT_S), f"no SUBACK for {topics}"
+
+    def publish(self, topic: str, payload: bytes) -> None:
+        """Publish and wait for the broker's PUBACK (which it sends for denied publishes too)."""
+        info = self.client.publish(topic, payload, qos=protocol.QOS)
+        info.wait_for_publish(TIMEOUT_S)
+        assert info.is_published(), f"no PUBACK for {topic}"
+
+    def next(self, timeout: float = TIMEOUT_S) -> tuple[str, bytes] | None:
+        try:
+            return self.inbox.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+
+def connect(broker: BrokerProcess, user: str, password: str) -> tuple[mqtt.Client, mqtt.ReasonCode]:
+    """A client that sent CONNECT as user; returns it with the CONNACK's reason code.
+
+    The network loop runs in this thread until the CONNACK: paho's background loop would retry a
+    refused connection after a backoff, which a refusal test only waits on.
+    """
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"test-{user}-{time.monotonic_ns()}",
+                         protocol=mqtt.MQTTv311)
+    client.username_pw_set(user, password)
+    result: list[mqtt.ReasonCode] = []
+    client.on_connect = lambda c, userdata, flags, reason_code, properties: result.append(reason_code)
+    client.connect(broker.host, broker.port, keepalive=30)
+    deadline = time.monotonic() + TIMEOUT_S
+    while not result and time.monotonic() < deadline:
+        client.loop(timeout=0.1)
+    if not result:
+        client.disconnect()
+        raise TimeoutError(f"no CONNACK for {user} within {TIMEOUT_S} s:\n{broker.log()}")
+    return client, result[0]
+
+
+@contextlib.contextmanager
+def session(broker: BrokerProcess, user: str, password: str) -> Iterator[Session]:
+    client, code = connect(broker, user, password)
+    assert not code.is_failure, f"{user} was refused: {code}"
+    client.loop_start()
+    try:
+        yield Session(client)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def refused(broker: BrokerProcess, user: str, password: str) -> bool:
+    client, code = connect(broker, user, password)
+    client.disconnect()
+    return code.is_failure
+
+
+@pytest.fixture
+def federation(tmp_path: Path):
+    """A node store holding the coordinator's user (as deploy writes it) and nodes alice and bob,
+    and a Mosquitto that loads its password and ACL files with anonymous access off."""
+    store = LocalStore(tmp_path / "auth")
+    store.folder.mkdir()
+    mosquitto_passwd = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
+    subprocess.run([mosquitto_passwd, "-c", "-b", str(store.folder / "passwd"), "coordinator",
+                    COORDINATOR_PASSWORD], check=True)
+    (store.folder / "acl").write_text("user coordinator\ntopic readwrite fsl/#\n")
+    nodes = {name: enroll(store, name) for name in ("alice", "bob")}
+    port = free_port()
+    conf = tmp_path / "mosquitto.conf"
+    conf.write_text("\n".join([
+        f"listener {port} 127.0.0.1", "allow_anonymous false",
+        f"password_file {store.folder / 'passwd'}", f"acl_file {store.folder / 'acl'}",
+        # started as root, mosquitto drops to the `mosquitto` user, which cannot read 0600 files
+        f"user {getpass.getuser()}",
+        "persistence false", "log_dest stderr", "log_type error", "log_type warning", "log_type notice",
+    ]) + "\n")
+    try:
+        broker = BrokerProcess("mosquitto", [find_mosquitto(), "-c", str(conf)], port, tmp_path / "mosquitto.log")
+    except FileNotFoundError as e:
+        pytest.fail(str(e), pytrace=False)
+    with broker:
+        yield broker, store, nodes
+
+
+def test_a_node_uses_its_own_topics_and_the_broadcast(federation):
+    broker, _, nodes = federation
+    alice = nodes["alice"]
+    with session(broker, "coordinator", COORDINATOR_PASSWORD) as coord, \
+            session(broker, "alice", alice.password) as node:
+        coord.subscribe(protocol.topic_all_up(RUN), protocol.topic_all_status(RUN))
+        node.subscribe(protocol.topic_down(RUN, "alice"), protocol.topic_broadcast(RUN))
+
+        node.publish(protocol.topic_up(RUN, "alice"), b"activation")
+        assert coord.next() == (protocol.topic_up(RUN, "alice"), b"activation")
+        node.publish(protocol.topic_status(RUN, "alice"), protocol.STATUS_ONLINE)
+        assert coord.next() == (protocol.topic_status(RUN, "alice"), protocol.STATUS_ONLINE)
+
+        coord.publish(protocol.topic_down(RUN, "alice"), b"gradient")
+        assert node.next() == (protocol.topic_down(RUN, "alice"), b"gradient")
+        coord.publish(protocol.topic_broadcast(RUN), b"round 1")
+        assert node.next() == (protocol.topic_broadcast(RUN), b"round 1")
+
+
+def test_what_a_node_publishes_outside_its_topics_never_arrives(federation):
+    broker, _, nodes = federation
+    with session(broker, "coordinator", COORDINATOR_PASSWORD) as coord, \
+            session(broker, "alice", nodes["alice"].password) as alice:
+        coord.subscribe("fsl/#")
+        for topic in (protocol.topic_up(RUN, "bob"), protocol.topic_down(RUN, "bob"),
+                      protocol.topic_status(RUN, "bob"), protocol.topic_broadcast(RUN),
+                      protocol.topic_down(RUN, "alice"), "fsl/elsewhere"):
+            alice.publish(topic, b"forged")  # acknowledged, then dropped by the broker
+        alice.publish(protocol.topic_up(RUN, "alice"), b"marker")
+        assert coord.next() == (protocol.topic_up(RUN, "alice"), b"marker")
+        assert coord.next(GRACE_S) is None
+
+
+def test_a_node_cannot_read_another_nodes_topics(federation):
+    broker, _, nodes = federation
+    with session(broker, "coordinator", COORDINATOR_PASSWORD) as coord, \
+            session(broker, "alice", nodes["alice"].password) as alice, \
+            session(broker, "bob", nodes["bob"].password) as bob:
+        bob.subscribe(protocol.topic_down(RUN, "bob"))
+        # Mosquitto 2 grants these subscriptions and then withholds every message on them.
+        alice.subscribe(protocol.topic_down(RUN, "bob"), protocol.topic_all_up(RUN), "fsl/#")
+        coord.publish(protocol.topic_down(RUN, "bob"), b"for bob")
+        assert bob.next() == (protocol.topic_down(RUN, "bob"), b"for bob")
+        bob.publish(protocol.topic_up(RUN, "bob"), b"from bob")
+        assert alice.next(GRACE_S) is None
+
+
+def test_a_wrong_password_or_unknown_user_is_refused(federation):
+    broker, _, nodes = federation
+    assert refused(broker, "alice", nodes["bob"].password)
+    assert refused(broker, "alice", "")
+    assert refused(broker, "mallory", nodes["alice"].password)
+    assert not refused(broker, "alice", nodes["alice"].password)
+
+
+def test_after_revoke_and_a_reload_the_node_is_out_and_the_others_stay(federation):
+    broker, store, nodes = federation
+    with session(broker, "coordinator", COORDINATOR_PASSWORD) as coord, \
+            session(broker, "alice", nodes["alice"].password) as alice, \
+            session(broker, "bob", nodes["bob"].password) as bob:
+        coord.subscribe(protocol.topic_all_up(RUN))
+        dropped = threading.Event()
+        alice.client.on_disconnect = lambda *args: dropped.set()
+        revoke(store, "alice")
+        os.kill(broker.proc.pid, signal.SIGHUP)  # what the reloader sidecar does in the cluster
+        # Mosquitto checks connected clients against the reloaded files: alice is cut off at once
+        assert dropped.wait(TIMEOUT_S), f"alice's connection outlived the reload:\n{broker.log()}"
+        bob.publish(protocol.topic_up(RUN, "bob"), b"still here")
+        assert coord.next() == (protocol.topic_up(RUN, "bob"), b"still here")
+    assert refused(broker, "alice", nodes["alice"].password)
+    assert not refused(broker, "bob", nodes["bob"].password)
+    assert not refused(broker, "coordinator", COORDINATOR_PASSWORD)
+    assert broker.proc.poll() is None  # reloaded, not restarted
