@@ -16,7 +16,7 @@ from typer._click.exceptions import ClickException  # typer 0.29 vendors click h
 from fsl_edge.config_file import settings_error
 from fsl_edge.errors import FslError
 
-from . import agent, coordinator, data, models, simulate, status, up
+from . import agent, coordinator, data, deploy, enroll, models, simulate, status, up
 
 app = typer.Typer(name="fsl-edge", no_args_is_help=True, add_completion=False,
                   help="Split federated fine-tuning of LLMs with LoRA, at the edge.")
@@ -27,6 +27,10 @@ app.command("status")(status.status)
 app.command("coordinator")(coordinator.coordinator)
 app.command("agent")(agent.agent)
 app.command("up")(up.up)
+app.command("deploy")(deploy.deploy)
+app.command("enroll")(enroll.enroll)
+app.command("revoke")(enroll.revoke)
+app.command("nodes")(enroll.nodes)
 
 
 def main(argv: list[str] | None = None) -> int:

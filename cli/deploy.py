@@ -21,7 +21,7 @@ def deploy(
     namespace: Annotated[Optional[str], typer.Option(help="Namespace (default fsl-edge).")] = None,
     gpus: Annotated[Optional[int], typer.Option(help="GPUs for the coordinator; 0 runs it on CPU.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the manifests; contact no cluster.")] = False,
-    output: Annotated[Optional[Path], typer.Option(help="Write the manifests to this folder (GitOps); contact no cluster.")] = None,
+    output: Annotated[Optional[Path], typer.Option(help="Write the manifests into this folder (GitOps); no cluster.")] = None,
     wait: Annotated[bool, typer.Option(help="Wait until the coordinator and the broker are ready.")] = True,
 ) -> None:
     """Render k8s/ with the deployment config and apply it with server-side apply."""

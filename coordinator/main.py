@@ -8,7 +8,7 @@ from fsl_edge import protocol
 from fsl_edge.atomic import write_atomic
 from fsl_edge.models import load
 from fsl_edge.status import Status
-from fsl_edge.transport import MqttLink
+from fsl_edge.transport import BrokerLogin, MqttLink
 
 from .coordinator import ME, Coordinator
 from .settings import CoordinatorSettings
@@ -25,7 +25,8 @@ def run_coordinator(settings: CoordinatorSettings, stop=lambda: False,
     link = MqttLink(rt.broker, f"fsl-{rt.run_id}-{ME}",
                     [protocol.topic_all_up(rt.run_id), protocol.topic_all_status(rt.run_id)],
                     will=(status_topic, protocol.STATUS_OFFLINE),
-                    online=(status_topic, protocol.STATUS_ONLINE), max_packet=rt.max_packet)
+                    online=(status_topic, protocol.STATUS_ONLINE), max_packet=rt.max_packet,
+                    login=BrokerLogin.from_env())
     coordinator = None
     server = StatusServer(lambda: coordinator.published if coordinator else Status(run=rt.run_id),
                           lambda: coordinator is not None and link.connected.is_set(),

@@ -13,7 +13,7 @@ from fsl_edge.config import LearningSettings
 from fsl_edge.simulation import site_seed
 from fsl_edge.split import discover
 from fsl_edge.step import SitePart, party_options
-from fsl_edge.transport import MqttLink
+from fsl_edge.transport import BrokerLogin, MqttLink
 
 from .agent import Agent
 from .settings import AgentSettings
@@ -54,7 +54,8 @@ def run_agent(settings: AgentSettings) -> int:
                     [protocol.topic_down(rt.run_id, settings.agent_id),
                      protocol.topic_broadcast(rt.run_id)],
                     will=(status_topic, protocol.STATUS_OFFLINE),
-                    online=(status_topic, protocol.STATUS_ONLINE), max_packet=rt.max_packet)
+                    online=(status_topic, protocol.STATUS_ONLINE), max_packet=rt.max_packet,
+                    login=BrokerLogin.from_env())
     link.start()
     try:
         return Agent(settings, link, builder(settings)).run()

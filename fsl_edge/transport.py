@@ -11,6 +11,7 @@ input is counted by reason and dropped.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 from collections import Counter
@@ -29,11 +30,40 @@ log = logging.getLogger("fsl_edge.transport")
 
 
 def parse_broker_url(url: str) -> tuple[str, int]:
-    """mqtt://host:port -> (host, port). TLS (mqtts://) arrives with the security work."""
+    """mqtt://host:port or mqtts://host:port (TLS) -> (host, port)."""
     parsed = urlparse(url)
-    if parsed.scheme != "mqtt" or not parsed.hostname:
-        raise ConfigError(f"broker URL {url!r} is not of the form mqtt://host:port")
-    return parsed.hostname, parsed.port or 1883
+    if parsed.scheme not in ("mqtt", "mqtts") or not parsed.hostname:
+        raise ConfigError(f"broker URL {url!r} is not of the form mqtt://host:port or "
+                          "mqtts://host:port")
+    try:
+        port = parsed.port
+    except ValueError as e:
+        raise ConfigError(f"broker URL {url!r} has a bad port: {e}") from None
+    return parsed.hostname, port or (8883 if parsed.scheme == "mqtts" else 1883)
+
+
+@dataclass(frozen=True)
+class BrokerLogin:
+    """Who this process is to the broker, and which CA vouches for the broker (mqtts://).
+
+    Read from the environment (FSL_MQTT_USERNAME, FSL_MQTT_PASSWORD, FSL_MQTT_CA_FILE: what the
+    coordinator's pod and a site's agent.env set), so no secret sits in a config file or a
+    settings dump."""
+
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    ca_file: str | None = None
+
+    @classmethod
+    def from_env(cls, environ=None) -> BrokerLogin:
+        env = os.environ if environ is None else environ
+        login = cls(env.get("FSL_MQTT_USERNAME") or None, env.get("FSL_MQTT_PASSWORD") or None,
+                    env.get("FSL_MQTT_CA_FILE") or None)
+        if login.password and not login.username:
+            raise ConfigError("FSL_MQTT_PASSWORD is set but FSL_MQTT_USERNAME is not")
+        if login.ca_file and not os.path.isfile(login.ca_file):
+            raise ConfigError(f"FSL_MQTT_CA_FILE {login.ca_file} is not a file")
+        return login
 
 
 @dataclass
@@ -50,8 +80,9 @@ class MqttLink:
     def __init__(self, url: str, client_id: str, subscriptions: list[str],
                  will: tuple[str, bytes] | None = None, online: tuple[str, bytes] | None = None,
                  max_packet: int = DEFAULT_MAX_PACKET, limits: protocol.Limits = protocol.Limits(),
-                 chunk_deadline_s: float = 60.0):
+                 chunk_deadline_s: float = 60.0, login: BrokerLogin = BrokerLogin()):
         self.host, self.port = parse_broker_url(url)
+        self.refused: str | None = None  # why the broker last refused us, for the error
         self.url, self.subscriptions, self.online = url, subscriptions, online
         self.max_packet, self.limits = max_packet, limits
         self.inbox: queue.Queue[Received] = queue.Queue()
@@ -70,6 +101,12 @@ class MqttLink:
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
                                   clean_session=False, protocol=mqtt.MQTTv311)
         self.client.reconnect_delay_set(min_delay=0.2, max_delay=5)
+        if url.startswith("mqtts://"):
+            # the broker's certificate must chain to the CA (the system's when none is given)
+            # and name the host we dialled
+            self.client.tls_set(ca_certs=login.ca_file)
+        if login.username:
+            self.client.username_pw_set(login.username, login.password)
         self.client.max_queued_messages_set(0)
         if will:
             self.client.will_set(will[0], will[1], qos=protocol.QOS, retain=True)
@@ -84,7 +121,9 @@ class MqttLink:
         self.client.loop_start()
         if not self.connected.wait(timeout):
             self.stop()
-            raise TransportError(f"no connection to the broker at {self.url} within {timeout:.0f} s")
+            why = f": it refused us ({self.refused})" if self.refused else ""
+            raise TransportError(f"no connection to the broker at {self.url} within "
+                                 f"{timeout:.0f} s{why}")
 
     def stop(self) -> None:
         self.client.disconnect()
@@ -92,6 +131,7 @@ class MqttLink:
 
     def _on_connect(self, client, userdata, flags, reason_code, properties):
         if reason_code.is_failure:
+            self.refused = str(reason_code)
             log.warning("broker %s refused the connection: %s", self.url, reason_code)
             return
         for topic in self.subscriptions:

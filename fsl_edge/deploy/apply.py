@@ -63,19 +63,21 @@ def deploy(settings: DeploySettings, *, dry_run: bool = False, output: Path | No
             stored[(obj["kind"], obj["metadata"]["name"])] = cluster.apply(obj)
             result.applied.append(f"{obj['kind'].lower()}/{obj['metadata']['name']}")
 
-        address = None
+        service = stored[("Service", names.BROKER)]
+        needs_address = settings.expose.mode is Exposure.LOADBALANCER and not settings.expose.host
+        address = rollout.load_balancer_address(service) if needs_address else None
         if wait:
             checks = [rollout.workload(cluster, ns, "apps/v1", "Deployment", names.BROKER),
                       rollout.workload(cluster, ns, "apps/v1", "StatefulSet", names.COORDINATOR)]
             found: list[str] = []
-            if settings.expose.mode is Exposure.LOADBALANCER and not settings.expose.host:
+            if needs_address:
                 check, found = rollout.load_balancer(cluster, ns, names.BROKER)
                 checks.append(check)
             rollout.wait_for(checks, settings.rollout_timeout_s, console)
-            address = found[0] if found else None
-            if address:
-                _cover_address(cluster, ns, broker_names + [address], plan.ca, result)
-        _endpoint(settings, stored[("Service", names.BROKER)], address, result)
+            address = found[0] if found else address
+        if address:
+            _cover_address(cluster, ns, broker_names + [address], plan.ca, result)
+        _endpoint(settings, service, address, result)
     return result
 
 
@@ -85,8 +87,8 @@ def _check_immutable(cluster: Cluster, s: DeploySettings, objects: list[dict]) -
     if current is None:
         return
     rendered = next(o for o in objects if o["kind"] == "StatefulSet")
-    (old,) = current["spec"].get("volumeClaimTemplates") or [{}]
-    (new,) = rendered["spec"]["volumeClaimTemplates"]
+    old = (current["spec"].get("volumeClaimTemplates") or [{}])[0]
+    new = rendered["spec"]["volumeClaimTemplates"][0]
     old_size = old.get("spec", {}).get("resources", {}).get("requests", {}).get("storage")
     old_class = old.get("spec", {}).get("storageClassName")
     if old_size != s.storage.size or (s.storage.class_name and old_class != s.storage.class_name):

@@ -50,12 +50,21 @@ def with_password(passwd: str, user: str, password: str) -> str:
     """`passwd` where `user` logs in with `password`: unchanged if it already does."""
     if check_password(passwd_users(passwd).get(user, ""), password):
         return passwd
-    kept = [line for line in passwd.splitlines() if line.split(":", 1)[0] != user]
-    return "\n".join(kept + [f"{user}:{hash_password(password)}"]) + "\n"
+    entry = f"{user}:{hash_password(password)}"
+    lines = passwd.splitlines()
+    at = [i for i, line in enumerate(lines) if not line.startswith("#") and line.split(":", 1)[0] == user]
+    if at:  # replaced where it stands; other lines stay byte for byte
+        lines[at[0]] = entry
+        lines = [line for i, line in enumerate(lines) if i not in at[1:]]
+    else:
+        lines.append(entry)
+    return "\n".join(lines) + "\n"
 
 
 def acl_blocks(acl: str) -> tuple[list[str], dict[str, list[str]]]:
-    """(global lines, user -> that user's lines after its `user` line) of an ACL file."""
+    """(global entries, user -> that user's entries after its `user` line) of an ACL file.
+
+    Entries only: comments and blank lines are not part of any block."""
     head: list[str] = []
     blocks: dict[str, list[str]] = {}
     current = head
@@ -63,25 +72,38 @@ def acl_blocks(acl: str) -> tuple[list[str], dict[str, list[str]]]:
         words = line.split()
         if len(words) == 2 and words[0] == "user":
             current = blocks.setdefault(words[1], [])
-        elif line.strip():
+        elif words and not words[0].startswith("#"):
             current.append(line)
     return head, blocks
 
 
 def with_acl(acl: str, user: str, topics: list[str]) -> str:
-    """`acl` where `user` may exactly read and write `topics`: unchanged if it already may."""
-    head, blocks = acl_blocks(acl)
+    """`acl` where `user` may exactly read and write `topics`: unchanged if it already may.
+
+    Only that user's `topic` lines change, where they stand; every other line (other users'
+    blocks, comments such as enroll's markers, blank lines) is kept byte for byte. A user
+    without a block gets one at the end."""
     wanted = [f"topic readwrite {t}" for t in topics]
-    if blocks.get(user) == wanted:
+    if acl_blocks(acl)[1].get(user) == wanted:
         return acl
-    blocks[user] = wanted
-    return render_acl(head, blocks)
-
-
-def render_acl(head: list[str], blocks: dict[str, list[str]]) -> str:
-    parts = ["\n".join(head)] if head else []
-    parts += ["\n".join([f"user {u}", *lines]) for u, lines in blocks.items()]
-    return "\n\n".join(parts) + "\n"
+    out: list[str] = []
+    inside = found = False
+    for line in acl.splitlines():
+        words = line.split()
+        if words[:1] in (["user"], ["pattern"]):
+            inside = words == ["user", user]
+            out.append(line)
+            if inside:
+                found = True
+                out += wanted
+            continue
+        if not (inside and words[:1] == ["topic"]):
+            out.append(line)
+    if not found:
+        if out and out[-1].strip():
+            out.append("")
+        out += [f"user {user}", *wanted]
+    return "\n".join(out) + "\n"
 
 
 def _b64(raw: bytes) -> str:

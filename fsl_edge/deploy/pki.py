@@ -122,7 +122,7 @@ def _general_name(name: str) -> x509.GeneralName:
 
 
 def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 def _cert_pem(cert: x509.Certificate) -> bytes:

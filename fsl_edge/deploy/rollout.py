@@ -37,18 +37,22 @@ def workload(cluster: Cluster, namespace: str, api_version: str, kind: str, name
     return Check(f"{kind.lower()}/{name}", poll)
 
 
+def load_balancer_address(service: dict) -> str | None:
+    """The address a Service's load balancer got (a hostname or an IP), or None yet."""
+    for ingress in (service.get("status") or {}).get("loadBalancer", {}).get("ingress") or []:
+        if address := ingress.get("hostname") or ingress.get("ip"):
+            return address
+    return None
+
+
 def load_balancer(cluster: Cluster, namespace: str, service: str) -> tuple[Check, list[str]]:
     """Done once the Service's load balancer has an address; the list receives it."""
     found: list[str] = []
 
     def poll() -> tuple[bool, str]:
-        obj = cluster.get("v1", "Service", namespace, service) or {}
-        for ingress in obj.get("status", {}).get("loadBalancer", {}).get("ingress") or []:
-            address = ingress.get("hostname") or ingress.get("ip")
-            if address:
-                found[:] = [address]
-                return True, address
-        return False, "waiting for an address"
+        address = load_balancer_address(cluster.get("v1", "Service", namespace, service) or {})
+        found[:] = [address] if address else []
+        return (True, address) if address else (False, "waiting for an address")
     return Check(f"service/{service} load balancer", poll), found
 
 

@@ -113,15 +113,18 @@ def _bind(source: str, target: str) -> dict:
 
 
 def agent_env(identity: Identity, site: Site) -> str:
-    """The agent's FSL_ environment. Compose reads this file on the host; keep it 0600."""
+    """The agent's FSL_ environment. Compose reads this file on the host; keep it 0600.
+
+    FSL_MQTT_* are the names the coordinator's pod uses for its own broker login (k8s/).
+    """
     lines = [
         f"# fsl-edge agent {identity.name}, enrolled {identity.enrolled_at.isoformat(timespec='seconds')}.",
         "# Secret: this site's broker password and message key. Never commit or copy it elsewhere.",
         f"FSL_AGENT_ID={identity.name}",
         f"FSL_BROKER={site.broker_url}",
-        f"FSL_BROKER_USERNAME={identity.name}",
-        f"FSL_BROKER_PASSWORD={identity.password}",
-        f"FSL_BROKER_CA_FILE={CA_PATH}",
+        f"FSL_MQTT_USERNAME={identity.name}",
+        f"FSL_MQTT_PASSWORD={identity.password}",
+        f"FSL_MQTT_CA_FILE={CA_PATH}",
         f"FSL_NODE_KEY={identity.node_key}",
         f"FSL_MODELS_DIR={MODELS_DIR}",
     ]

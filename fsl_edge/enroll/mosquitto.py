@@ -27,21 +27,21 @@ def node_topics(name: str) -> list[tuple[str, str]]:
     """(access, topic) a node needs in every run: its own up/down/status and the broadcast."""
     from fsl_edge import protocol  # it imports torch: not for `fsl-edge nodes` or --help
 
-    return [
-        ("write", _any_run(protocol.topic_up(_RUN, name), protocol)),
-        ("read", _any_run(protocol.topic_down(_RUN, name), protocol)),
-        ("read", _any_run(protocol.topic_broadcast(_RUN), protocol)),
-        # its retained online/offline and its last will
-        ("write", _any_run(protocol.topic_status(_RUN, name), protocol)),
+    # The topic layout is protocol.py's alone: build each topic for a stand-in run id, then
+    # widen that to '+'.
+    topics = [
+        ("write", protocol.topic_up(_RUN, name)),
+        ("read", protocol.topic_down(_RUN, name)),
+        ("read", protocol.topic_broadcast(_RUN)),
+        ("write", protocol.topic_status(_RUN, name)),  # its retained online/offline, its last will
     ]
+    return [(access, _any_run(topic)) for access, topic in topics]
 
 
-def _any_run(topic: str, protocol) -> str:
-    # The topic layout is protocol.py's alone: build a real topic, then widen its run id to '+'.
+def _any_run(topic: str) -> str:
     parts = topic.split("/")
-    assert protocol.parse_topic(topic).run == _RUN and parts[1] == _RUN, topic
-    parts[1] = "+"
-    return "/".join(parts)
+    assert parts[1] == _RUN, f"the run id is no longer the second level of {topic}"
+    return "/".join([parts[0], "+", *parts[2:]])
 
 
 def acl_block(name: str, note: str = "") -> str:

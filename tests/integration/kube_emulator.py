@@ -26,7 +26,8 @@ served the way the Kubernetes API documents it:
   Set `controllers=False` to see a rollout that never finishes.
 
 Not emulated: validation, defaulting beyond the above, field ownership between several
-managers, admission, RBAC, watches of the objects served here.
+managers, admission, RBAC, watches of the objects served here. The product is never shaped to
+this emulator: where the two disagree, the emulator is what gets fixed.
 """
 
 from __future__ import annotations
@@ -125,7 +126,7 @@ class KubeApi(kmock.KubernetesEmulator):
         old_meta = (current or {}).get("metadata", {})
         meta["uid"] = old_meta.get("uid") or str(uuid.uuid4())
         meta["creationTimestamp"] = old_meta.get("creationTimestamp") or (
-            dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
+            dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
         meta["resourceVersion"] = old_meta.get("resourceVersion")
         if resource.plural == "services":
             self._allocate(new, current)
@@ -234,12 +235,19 @@ class EmulatedCluster:
         return path
 
 
-@pytest.fixture
-def kube(tmp_path: Path):
-    """A fresh emulated cluster; its kubeconfig is at tmp_path / "kubeconfig" (context "emulated")."""
+@contextlib.contextmanager
+def emulated_cluster(folder: Path):
+    """A fresh emulated cluster; its kubeconfig is `folder / "kubeconfig"` (context "emulated")."""
     cluster = EmulatedCluster().start()
-    cluster.kubeconfig = cluster.write_kubeconfig(tmp_path / "kubeconfig")
+    cluster.kubeconfig = cluster.write_kubeconfig(folder / "kubeconfig")
     try:
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture
+def kube(tmp_path: Path):
+    """`emulated_cluster` as a fixture (a conftest.py may import it to share it)."""
+    with emulated_cluster(tmp_path) as cluster:
+        yield cluster

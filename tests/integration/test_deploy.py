@@ -24,9 +24,15 @@ from fsl_edge.deploy import broker_auth, names, pki
 from fsl_edge.deploy.kube import Cluster
 from fsl_edge.errors import TemporaryError
 
-from .kube_emulator import kube  # noqa: F401 (the fixture)
+from .kube_emulator import emulated_cluster
 
 NS = "fed"
+
+
+@pytest.fixture
+def kube(tmp_path):
+    with emulated_cluster(tmp_path) as cluster:
+        yield cluster
 
 
 @pytest.fixture(autouse=True)
@@ -130,8 +136,10 @@ def test_sites_enrolled_meanwhile_are_kept(kube):
     assert deploy_to(kube) == 0
     with Cluster(kubeconfig=kube.kubeconfig) as cluster:  # what `fsl-edge enroll` does
         stored = cluster.get_secret(NS, names.BROKER_AUTH_SECRET)
-        passwd = broker_auth.with_password(stored.data["passwd"].decode(), "site-a", "a-secret")
-        acl = broker_auth.with_acl(stored.data["acl"].decode(), "site-a", ["fsl/demo/up/site-a"])
+        passwd = stored.data["passwd"].decode() + f"site-a:{broker_auth.hash_password('a-secret')}\n"
+        # a marker comment and blank lines between blocks, as enroll writes them
+        acl = (stored.data["acl"].decode() + "\n# fsl-edge node site-a\nuser site-a\n"
+               "topic write fsl/+/agent/site-a/up\ntopic read fsl/+/broadcast\n\n")
         cluster.write_secret(NS, names.BROKER_AUTH_SECRET, {"passwd": passwd.encode(), "acl": acl.encode()},
                              names.LABELS, resource_version=stored.resource_version)
     enrolled = kube.objects()[("secrets", NS, names.BROKER_AUTH_SECRET)]
@@ -284,6 +292,35 @@ def test_the_deployed_broker_config_admits_the_coordinator_over_tls(kube, tmp_pa
         broker.wait(5)
 
 
+@pytest.mark.integration
+def test_the_coordinators_own_link_logs_in_over_tls_with_its_environment(kube, tmp_path):
+    """fsl_edge.transport as the coordinator's pod runs it: mqtts:// and FSL_MQTT_* from env."""
+    from fsl_edge.errors import TransportError
+    from fsl_edge.transport import BrokerLogin, MqttLink
+
+    root, argv, _, port = deployed_broker(kube, tmp_path)
+    log = tmp_path / "mosquitto.log"
+    broker = subprocess.Popen(argv, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    password = secret(kube, names.COORDINATOR_MQTT_SECRET)["password"].decode()
+    env = {"FSL_MQTT_USERNAME": "fsl-coordinator", "FSL_MQTT_CA_FILE": str(root / "tls" / "ca.crt")}
+    try:
+        link = MqttLink(f"mqtts://127.0.0.1:{port}", "t-coordinator", ["fsl/+/agent/+/up"],
+                        login=BrokerLogin.from_env({**env, "FSL_MQTT_PASSWORD": password}))
+        link.start(timeout=10)
+        link.stop()
+        wrong = MqttLink(f"mqtts://127.0.0.1:{port}", "t-wrong", [],
+                         login=BrokerLogin.from_env({**env, "FSL_MQTT_PASSWORD": "wrong"}))
+        with pytest.raises(TransportError, match="refused us"):
+            wrong.start(timeout=3)
+        plain = MqttLink(f"mqtt://127.0.0.1:{port}", "t-plain", [],  # no TLS: no connection
+                         login=BrokerLogin.from_env({**env, "FSL_MQTT_PASSWORD": password}))
+        with pytest.raises(TransportError):
+            plain.start(timeout=3)
+    finally:
+        broker.terminate()
+        broker.wait(5)
+
+
 @pytest.mark.slow
 @pytest.mark.integration
 @pytest.mark.skipif(shutil.which("unshare") is None or os.geteuid() != 0,
@@ -373,3 +410,10 @@ def _round_trip(mqtt, port: int, ca_file, user: str, password: str, topic: str =
     finally:
         client.disconnect()
         client.loop_stop()
+
+
+def test_no_wait_returns_once_applied(kube, capsys):
+    kube.api.controllers = False  # nothing will ever be ready
+    assert deploy_to(kube, "--no-wait") == 0
+    err = capsys.readouterr().err
+    assert "applied 15 objects" in err and "the load balancer has no address yet" in err

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import getpass
+import json
 import os
 import queue
 import shutil
@@ -28,6 +29,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from fsl_edge import protocol
 from fsl_edge.broker import BrokerProcess, find_mosquitto, free_port
 from fsl_edge.enroll import LocalStore, enroll, revoke
+
+from .kube_emulator import kube  # noqa: F401 (the fixture: a Kubernetes API emulator over HTTP)
 
 pytestmark = pytest.mark.integration
 RUN = "trial"
@@ -103,10 +106,27 @@ def refused(broker: BrokerProcess, user: str, password: str) -> bool:
     return code.is_failure
 
 
+def mosquitto_on(folder: Path, workdir: Path) -> BrokerProcess:
+    """A Mosquitto (not started) that loads folder/passwd and folder/acl, anonymous access off."""
+    port = free_port()
+    conf = workdir / f"mosquitto-{port}.conf"
+    conf.write_text("\n".join([
+        f"listener {port} 127.0.0.1", "allow_anonymous false",
+        f"password_file {folder / 'passwd'}", f"acl_file {folder / 'acl'}",
+        # started as root, mosquitto drops to the `mosquitto` user, which cannot read 0600 files
+        f"user {getpass.getuser()}",
+        "persistence false", "log_dest stderr", "log_type error", "log_type warning", "log_type notice",
+    ]) + "\n")
+    try:
+        return BrokerProcess("mosquitto", [find_mosquitto(), "-c", str(conf)], port, workdir / f"mosquitto-{port}.log")
+    except FileNotFoundError as e:
+        pytest.fail(str(e), pytrace=False)
+
+
 @pytest.fixture
 def federation(tmp_path: Path):
     """A node store holding the coordinator's user (as deploy writes it) and nodes alice and bob,
-    and a Mosquitto that loads its password and ACL files with anonymous access off."""
+    and a Mosquitto that loads its password and ACL files."""
     store = LocalStore(tmp_path / "auth")
     store.folder.mkdir()
     mosquitto_passwd = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
@@ -114,20 +134,7 @@ def federation(tmp_path: Path):
                     COORDINATOR_PASSWORD], check=True)
     (store.folder / "acl").write_text("user coordinator\ntopic readwrite fsl/#\n")
     nodes = {name: enroll(store, name) for name in ("alice", "bob")}
-    port = free_port()
-    conf = tmp_path / "mosquitto.conf"
-    conf.write_text("\n".join([
-        f"listener {port} 127.0.0.1", "allow_anonymous false",
-        f"password_file {store.folder / 'passwd'}", f"acl_file {store.folder / 'acl'}",
-        # started as root, mosquitto drops to the `mosquitto` user, which cannot read 0600 files
-        f"user {getpass.getuser()}",
-        "persistence false", "log_dest stderr", "log_type error", "log_type warning", "log_type notice",
-    ]) + "\n")
-    try:
-        broker = BrokerProcess("mosquitto", [find_mosquitto(), "-c", str(conf)], port, tmp_path / "mosquitto.log")
-    except FileNotFoundError as e:
-        pytest.fail(str(e), pytrace=False)
-    with broker:
+    with mosquitto_on(store.folder, tmp_path) as broker:
         yield broker, store, nodes
 
 
@@ -204,3 +211,81 @@ def test_after_revoke_and_a_reload_the_node_is_out_and_the_others_stay(federatio
     assert not refused(broker, "bob", nodes["bob"].password)
     assert not refused(broker, "coordinator", COORDINATOR_PASSWORD)
     assert broker.proc.poll() is None  # reloaded, not restarted
+
+
+# --- the same against a cluster: the Secrets over the Kubernetes API (emulated), via the CLI ---
+
+
+@pytest.fixture
+def cli(monkeypatch, tmp_path):
+    """`fsl-edge` with enroll, revoke and nodes, through its real entry point."""
+    from fsl_edge.cli import app as app_module
+    from fsl_edge.cli import enroll as commands
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("COLUMNS", raising=False)
+    registered = {c.name for c in app_module.app.registered_commands}
+    added = [app_module.app.command(name)(getattr(commands, name))
+             for name in ("enroll", "revoke", "nodes") if name not in registered]
+    yield app_module.main
+    if added:
+        del app_module.app.registered_commands[-len(added):]
+
+
+def test_enroll_and_revoke_through_the_kubernetes_api_reach_the_broker(kube, cli, tmp_path, capsys):
+    from fsl_edge.deploy import broker_auth, names
+    from fsl_edge.deploy.kube import Cluster
+
+    ns, ca = "fed", b"-----BEGIN CERTIFICATE-----\nMIIBemulated\n-----END CERTIFICATE-----\n"
+    cluster = Cluster(kubeconfig=kube.kubeconfig)
+    # what deploy leaves behind: the broker's certificate with its CA, the coordinator's entries
+    cluster.write_secret(ns, names.BROKER_TLS_SECRET, {"ca.crt": ca, "tls.crt": b"-", "tls.key": b"-"},
+                         names.LABELS, type="kubernetes.io/tls")
+    passwd = broker_auth.with_password("", names.COORDINATOR, COORDINATOR_PASSWORD)
+    acl = broker_auth.with_acl("", names.COORDINATOR, list(names.COORDINATOR_ACL_TOPICS))
+    cluster.write_secret(ns, names.BROKER_AUTH_SECRET, {names.PASSWD_KEY: passwd.encode(),
+                                                        names.ACL_KEY: acl.encode()}, names.LABELS)
+    where = ["--kubeconfig", str(kube.kubeconfig), "--namespace", ns]
+
+    def broker_files() -> Path:
+        """The broker's mount of fsl-broker-auth, as the kubelet would refresh it."""
+        folder = tmp_path / "mount"
+        folder.mkdir(exist_ok=True)
+        for key, value in cluster.read_secret(ns, names.BROKER_AUTH_SECRET).items():
+            (folder / key).write_bytes(value)
+        return folder
+
+    assert cli(["enroll", "alice", "--broker", "mqtt.example.org:8883", *where]) == 0
+    alice_auth = cluster.read_secret(ns, names.BROKER_AUTH_SECRET)
+    alice_key = cluster.read_secret(ns, names.NODE_KEYS_SECRET)["alice"]
+    assert cli(["enroll", "bob", "--broker", "mqtt.example.org:8883", *where]) == 0
+    auth = cluster.read_secret(ns, names.BROKER_AUTH_SECRET)
+    for key in (names.PASSWD_KEY, names.ACL_KEY):  # alice's and the coordinator's lines unchanged
+        assert auth[key].startswith(alice_auth[key]) and alice_auth[key].startswith(
+            {names.PASSWD_KEY: passwd, names.ACL_KEY: acl}[key].encode())
+    assert cluster.read_secret(ns, names.NODE_KEYS_SECRET)["alice"] == alice_key
+    assert (tmp_path / "alice-bundle" / "ca.crt").read_bytes() == ca  # from the cluster
+    env = {name: dict(line.split("=", 1) for line in (tmp_path / f"{name}-bundle" / "agent.env")
+                      .read_text().splitlines() if line and not line.startswith("#"))
+           for name in ("alice", "bob")}
+    assert env["alice"]["FSL_NODE_KEY"].encode() == alice_key
+
+    with mosquitto_on(broker_files(), tmp_path) as broker:
+        assert not refused(broker, "alice", env["alice"]["FSL_MQTT_PASSWORD"])
+        assert not refused(broker, names.COORDINATOR, COORDINATOR_PASSWORD)
+        assert cli(["revoke", "alice", *where]) == 0
+        broker_files()
+        os.kill(broker.proc.pid, signal.SIGHUP)  # what the reloader sidecar does
+        deadline = time.monotonic() + TIMEOUT_S
+        while not refused(broker, "alice", env["alice"]["FSL_MQTT_PASSWORD"]):
+            assert time.monotonic() < deadline, f"alice still connects after the reload:\n{broker.log()}"
+            time.sleep(0.1)
+        assert not refused(broker, "bob", env["bob"]["FSL_MQTT_PASSWORD"])
+    assert "alice" not in cluster.read_secret(ns, names.NODE_KEYS_SECRET)
+    capsys.readouterr()
+    assert cli(["nodes", *where]) == 0
+    listed = {line.split()[0]: line.split()[-1] for line in capsys.readouterr().out.splitlines()
+              if line.split() and line.split()[0] in ("alice", "bob")}
+    assert listed["bob"] == "enrolled" and json.loads(
+        cluster.read_secret(ns, "fsl-nodes")["alice"])["state"] == "revoked"
+    cluster.close()

@@ -252,3 +252,20 @@ def test_cuda_or_qlora_without_a_gpu(settings):
 def test_an_unknown_device(settings):
     with pytest.raises(ConfigError, match="unknown device 'tpu'"):
         load("tiny-random-llama", settings=settings, device="tpu")
+
+
+def test_broker_urls_and_logins_are_checked(tmp_path):
+    from fsl_edge.transport import BrokerLogin, parse_broker_url
+
+    assert parse_broker_url("mqtt://h") == ("h", 1883)
+    assert parse_broker_url("mqtts://h") == ("h", 8883)
+    assert parse_broker_url("mqtts://h:9000") == ("h", 9000)
+    for bad in ("http://h:1883", "mqtt://", "mqtt://h:99999"):
+        with pytest.raises(ConfigError, match="broker URL"):
+            parse_broker_url(bad)
+    with pytest.raises(ConfigError, match="FSL_MQTT_USERNAME is not"):
+        BrokerLogin.from_env({"FSL_MQTT_PASSWORD": "x"})
+    with pytest.raises(ConfigError, match="is not a file"):
+        BrokerLogin.from_env({"FSL_MQTT_CA_FILE": str(tmp_path / "none.crt")})
+    login = BrokerLogin.from_env({"FSL_MQTT_USERNAME": "a", "FSL_MQTT_PASSWORD": "secret"})
+    assert login.username == "a" and "secret" not in repr(login)

@@ -318,11 +318,11 @@ def test_the_bundle_holds_what_the_site_needs_with_secrets_owner_only(tmp_path):
     assert "docker compose up -d" in (out / "README.md").read_text()
     env = env_of(out / "agent.env")
     assert env == {"FSL_AGENT_ID": "alice", "FSL_BROKER": "mqtts://broker.example.org:8883",
-                   "FSL_BROKER_USERNAME": "alice", "FSL_BROKER_PASSWORD": identity.password,
-                   "FSL_BROKER_CA_FILE": "/etc/fsl-edge/ca.crt", "FSL_NODE_KEY": identity.node_key,
+                   "FSL_MQTT_USERNAME": "alice", "FSL_MQTT_PASSWORD": identity.password,
+                   "FSL_MQTT_CA_FILE": "/etc/fsl-edge/ca.crt", "FSL_NODE_KEY": identity.node_key,
                    "FSL_MODELS_DIR": "/models"}
     hashed = next(line for line in store.load().passwd.splitlines() if line.startswith("alice:"))
-    assert check_password(hashed.split(":", 1)[1], env["FSL_BROKER_PASSWORD"])
+    assert check_password(hashed.split(":", 1)[1], env["FSL_MQTT_PASSWORD"])
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging left
 
 

@@ -112,7 +112,7 @@ def test_every_rendered_combination_validates_strictly(rendered):
 
 
 def test_rendering_applies_the_config(rendered):
-    for config, objects in zip(COMBINATIONS, rendered):
+    for config, objects in zip(COMBINATIONS, rendered, strict=True):
         s = DeploySettings(**config)
         assert all(o["metadata"].get("namespace", s.namespace) == s.namespace for o in objects)
         assert by_kind(objects, "Namespace")[0]["metadata"]["name"] == s.namespace
