@@ -48,12 +48,9 @@ def isolated(tmp_path, monkeypatch):
 
 def fsl_edge_deploy(*args: str) -> int:
     """`fsl-edge deploy ARGS` through the CLI's entry point (errors -> one line + exit code)."""
-    from fsl_edge.cli import app as cli
-    from fsl_edge.cli.deploy import deploy
+    from fsl_edge.cli.app import main
 
-    if "deploy" not in {c.name for c in cli.app.registered_commands}:
-        cli.app.command("deploy")(deploy)  # until cli/app.py registers it
-    return cli.main(["deploy", *args])
+    return main(["deploy", *args])
 
 
 def deploy_to(kube, *args: str) -> int:

@@ -219,17 +219,11 @@ def test_after_revoke_and_a_reload_the_node_is_out_and_the_others_stay(federatio
 @pytest.fixture
 def cli(monkeypatch, tmp_path):
     """`fsl-edge` with enroll, revoke and nodes, through its real entry point."""
-    from fsl_edge.cli import app as app_module
-    from fsl_edge.cli import enroll as commands
+    from fsl_edge.cli.app import main
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("COLUMNS", raising=False)
-    registered = {c.name for c in app_module.app.registered_commands}
-    added = [app_module.app.command(name)(getattr(commands, name))
-             for name in ("enroll", "revoke", "nodes") if name not in registered]
-    yield app_module.main
-    if added:
-        del app_module.app.registered_commands[-len(added):]
+    yield main
 
 
 def test_enroll_and_revoke_through_the_kubernetes_api_reach_the_broker(kube, cli, tmp_path, capsys):

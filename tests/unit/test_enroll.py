@@ -406,18 +406,12 @@ def test_the_commands_load_without_torch():
 @pytest.fixture
 def cli(monkeypatch, tmp_path):
     """`fsl-edge` with enroll, revoke and nodes, through its real entry point and error mapping."""
-    from fsl_edge.cli import app as app_module
-    from fsl_edge.cli import enroll as commands
+    from fsl_edge.cli.app import main
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("COLUMNS", raising=False)
-    registered = {c.name for c in app_module.app.registered_commands}
-    added = [app_module.app.command(name)(getattr(commands, name))
-             for name in ("enroll", "revoke", "nodes") if name not in registered]
     (tmp_path / "ca.crt").write_bytes(CA)
-    yield app_module.main
-    if added:
-        del app_module.app.registered_commands[-len(added):]
+    yield main
 
 
 def test_cli_enroll_revoke_nodes_on_a_local_folder(cli, tmp_path, capsys):
