@@ -1,14 +1,22 @@
-"""`fsl-edge status`: show a running coordinator's status API as tables, once or live."""
+"""`fsl-edge status`: show a running coordinator's status API as tables, once or live.
+
+Two ways to the coordinator: HTTP to --url, or, given --context, --kubeconfig or --namespace,
+its Service through the Kubernetes API server's service proxy with the user's kubeconfig.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import http.client
 import socket
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from typing import Annotated
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Annotated, Optional
 
 import pydantic
 import typer
@@ -18,9 +26,14 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from fsl_edge.deploy.kube import Cluster
+from fsl_edge.deploy.names import COORDINATOR, DEFAULT_NAMESPACE, STATUS_PORT
 from fsl_edge.errors import ConfigError, ProtocolError, TemporaryError, TransportError
 from fsl_edge.status import AgentStatus, Status, Traffic, direction
 
+from .enroll import Context, Kubeconfig
+
+DEFAULT_URL = "http://127.0.0.1:8780"
 TIMEOUT_S = 5.0
 HISTORY_ROWS = 5
 MIB = 2**20
@@ -44,10 +57,22 @@ def fetch(url: str) -> tuple[Status, str]:
     except http.client.HTTPException as e:  # something answered, but not in HTTP
         raise ProtocolError(f"{url} does not speak HTTP ({type(e).__name__}); is --url the status "
                             "API rather than the broker?") from e
+    return _parse(body, endpoint)
+
+
+def fetch_service(cluster: Cluster, namespace: str) -> tuple[Status, str]:
+    """GET `status` from the coordinator's Service through the API server's service proxy."""
+    body = cluster.proxy_get(namespace, COORDINATOR, STATUS_PORT, "status")
+    return _parse(body.decode("utf-8", errors="replace"),
+                  f"Service {COORDINATOR}:{STATUS_PORT} in namespace {namespace}")
+
+
+def _parse(body: str, source: str) -> tuple[Status, str]:
+    """The status document in `body`, validated, and `body` as received; `source` is who sent it."""
     try:
         return Status.model_validate_json(body), body
     except pydantic.ValidationError as e:
-        raise ProtocolError(f"{endpoint} did not answer with a status document "
+        raise ProtocolError(f"{source} did not answer with a status document "
                             f"({e.error_count()} errors, first: {e.errors()[0]['msg']})") from e
 
 
@@ -194,21 +219,24 @@ def render(s: Status, now: float | None = None) -> Group:
     return Group(*parts)
 
 
-def _print_json(url: str, watch: bool, interval: float) -> None:
+Fetch = Callable[[], tuple[Status, str]]
+
+
+def _print_json(get: Fetch, watch: bool, interval: float) -> None:
     while True:
         # One document per line, so `--json --watch` is a stream that tools can read.
-        print(fetch(url)[1].strip(), flush=True)
+        print(get()[1].strip(), flush=True)
         if not watch:
             return
         time.sleep(interval)
 
 
-def _watch(url: str, interval: float, console: Console) -> None:
-    last: RenderableType = Text(f"connecting to {url} ...")
+def _watch(get: Fetch, where: str, interval: float, console: Console) -> None:
+    last: RenderableType = Text(f"connecting to {where} ...")
     with Live(last, console=console, auto_refresh=False) as live:
         while True:
             try:
-                last = render(fetch(url)[0])
+                last = render(get()[0])
                 live.update(last, refresh=True)
             except TemporaryError as e:
                 # Keep watching through a coordinator restart: show why, keep the last tables.
@@ -217,21 +245,60 @@ def _watch(url: str, interval: float, console: Console) -> None:
             time.sleep(interval)
 
 
+# Where an option's value came from, by precedence: the command line beats the environment.
+_GIVEN = {"COMMANDLINE": 2, "ENVIRONMENT": 1}
+
+
+def _through_cluster(ctx: typer.Context) -> bool:
+    """Whether the kube options were given, and more directly than --url; both typed: an error."""
+    def given(name: str) -> int:
+        source = ctx.get_parameter_source(name)
+        return _GIVEN.get(source.name, 0) if source else 0
+
+    url, kube = given("url"), max(given(n) for n in ("context", "kubeconfig", "namespace"))
+    if url == kube == _GIVEN["COMMANDLINE"]:
+        raise ConfigError("--url and --context/--kubeconfig/--namespace are two ways to reach the "
+                          "coordinator: pass one or the other")
+    return kube > url
+
+
+@contextlib.contextmanager
+def _source(ctx: typer.Context, url: str | None, context: str | None, kubeconfig: Path | None,
+            namespace: str | None) -> Iterator[tuple[Fetch, str]]:
+    """How to get the status, and where from in words: --url, or the Service via the kubeconfig."""
+    if not _through_cluster(ctx):
+        yield functools.partial(fetch, url or DEFAULT_URL), url or DEFAULT_URL
+        return
+    namespace = namespace or DEFAULT_NAMESPACE
+    with Cluster(context, kubeconfig, timeout_s=TIMEOUT_S) as cluster:
+        yield (functools.partial(fetch_service, cluster, namespace),
+               f"Service {COORDINATOR} in namespace {namespace} (context {cluster.context})")
+
+
 def status(
-    url: Annotated[str, typer.Option(envvar="FSL_STATUS_URL",
-                                     help="Base URL of the coordinator's status API.")] = "http://127.0.0.1:8780",
+    ctx: typer.Context,
+    url: Annotated[Optional[str], typer.Option(
+        envvar="FSL_STATUS_URL", show_default=DEFAULT_URL,
+        help="Base URL of the coordinator's status API.")] = None,
+    context: Context = None,
+    kubeconfig: Kubeconfig = None,
+    namespace: Annotated[Optional[str], typer.Option(
+        envvar="FSL_NAMESPACE", show_default=DEFAULT_NAMESPACE,
+        help="Namespace of the deployment; with --context or --kubeconfig, or alone, reach the "
+             "coordinator's Service through the kubeconfig instead of --url.")] = None,
     watch: Annotated[bool, typer.Option("--watch", help="Refresh until Ctrl-C.")] = False,
     interval: Annotated[float, typer.Option(min=0.1, help="Seconds between refreshes with --watch.")] = 2.0,
     json_out: Annotated[bool, typer.Option("--json", help="Print the status document as JSON.")] = False,
 ) -> None:
     """Show a running coordinator's run, agents, traffic and rounds."""
     try:
-        if json_out:
-            _print_json(url, watch, interval)
-        elif watch:
-            _watch(url, interval, Console())
-        else:
-            Console().print(render(fetch(url)[0]))
+        with _source(ctx, url, context, kubeconfig, namespace) as (get, where):
+            if json_out:
+                _print_json(get, watch, interval)
+            elif watch:
+                _watch(get, where, interval, Console())
+            else:
+                Console().print(render(get()[0]))
     except KeyboardInterrupt:
         if not watch:
             raise

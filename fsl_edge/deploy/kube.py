@@ -4,9 +4,11 @@
 apply with field manager `fsl-edge`, so re-applying the same object changes nothing and fields
 other tools own are left alone. Every failure becomes one line of an fsl-edge error.
 
-`fsl-edge enroll` uses `read_secret` / `write_secret` on the same client. A server-side apply
-replaces *all* the fields its field manager owns: write a Secret's complete data each time
-(read, change, write), never just the key that changed, or the keys left out are removed.
+`fsl-edge status` reads the coordinator's status API with `proxy_get`, through the API server's
+service proxy. `fsl-edge enroll` uses `read_secret` / `write_secret` on the same client. A
+server-side apply replaces *all* the fields its field manager owns: write a Secret's complete
+data each time (read, change, write), never just the key that changed, or the keys left out are
+removed.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from fsl_edge.errors import ConfigError, FslError, TemporaryError, TransportError
+from fsl_edge.errors import ConfigError, FslError, ProtocolError, TemporaryError, TransportError
 
 from .names import FIELD_MANAGER
 
@@ -150,6 +152,28 @@ class Cluster:
         stored = self.get_secret(namespace, name)
         return stored.resource_version if stored else None
 
+    def proxy_get(self, namespace: str, service: str, port: int | str, path: str) -> bytes:
+        """GET `path` from a Service's port through the API server's service proxy; the body.
+
+        What `kubectl get --raw /api/v1/namespaces/NS/services/NAME:PORT/proxy/PATH` does: the
+        API server forwards the request to a ready pod behind the Service, so the kubeconfig is
+        all it takes (no port-forward, no route into the cluster); the kubeconfig's user needs
+        `get` on `services/proxy` in the namespace. A Service that is not there is a ConfigError;
+        one with no ready pod, or a pod answering 5xx, a TransportError (it may answer later).
+        """
+        from kubernetes import client
+        from kubernetes.client.exceptions import ApiException
+
+        where = f"Service {service}:{port} in namespace {namespace}"
+        with self._errors(f"GET /{path} from {where}"):
+            try:
+                resp = client.CoreV1Api(self.api).connect_get_namespaced_service_proxy_with_path(
+                    f"{service}:{port}", namespace, path, _preload_content=False,
+                    _request_timeout=self.timeout_s)
+            except ApiException as e:
+                raise _proxy_error(e, where, path, self) from e
+            return resp.data
+
     def _method(self, verb: str, api_version: str, kind: str):
         from kubernetes import client
 
@@ -200,6 +224,30 @@ def _api_error(e, doing: str, cluster: Cluster) -> FslError:
     if e.status is not None and e.status >= 500:
         return TransportError(line)
     return ConfigError(line)
+
+
+def _proxy_error(e, where: str, path: str, cluster: Cluster) -> FslError:
+    """A failed proxy GET: the API server's own refusal, or what the pod behind the Service said."""
+    if not e.status:  # no HTTP answer at all (a TLS failure): as for every other call
+        return _api_error(e, f"GET /{path} from {where}", cluster)
+    try:
+        answer = json.loads(e.body)
+    except (TypeError, ValueError):
+        answer = None
+    if not (isinstance(answer, dict) and answer.get("kind") == "Status"):
+        # Not a Status from the API server: the proxy passed on the pod's own answer.
+        detail = _one_line(e.body or "")[:200] or e.reason
+        if e.status is not None and e.status >= 500:
+            return TransportError(f"{where} answered HTTP {e.status} for /{path}: {detail}")
+        return ProtocolError(f"{where} answered HTTP {e.status} {e.reason} for /{path}: {detail}")
+    message = _one_line(answer.get("message") or e.reason)
+    if e.status == 404:
+        return ConfigError(f"there is no {where} in context {cluster.context} ({message}): is it "
+                           "deployed there? (--namespace, --context)")
+    if e.status == 503:
+        # No ready pod behind the Service yet (starting, restarting), or it refused the connection.
+        return TransportError(f"{where} in context {cluster.context} is not ready: {message}")
+    return _api_error(e, f"GET /{path} from {where}", cluster)
 
 
 def _one_line(e: object) -> str:

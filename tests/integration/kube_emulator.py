@@ -24,6 +24,16 @@ served the way the Kubernetes API documents it:
   `controllers=True`, a Deployment or StatefulSet reports every replica updated and ready as
   soon as it is written, and a LoadBalancer Service gets `lb_address` as its ingress address.
   Set `controllers=False` to see a rollout that never finishes.
+- The API server's service proxy, absent from kmock (what `kubectl get --raw` and the client's
+  `connect_get_namespaced_service_proxy_with_path` use):
+  `GET /api/v1/namespaces/NS/services/[SCHEME:]NAME[:PORT]/proxy/PATH`. A Service that is not
+  stored answers 404 NotFound. For one that is, with PORT (a port's name or number; none if it
+  has a single port) among its ports, the GET goes to the URL the test put in
+  `endpoints[(namespace, name, port number)]`, a real HTTP server standing in for the ready pod
+  behind that port, and its status, Content-Type and body come back unchanged, as the API
+  server passes them on. With no such entry (no ready pod), or a URL that refuses the
+  connection, it answers 503 ServiceUnavailable in the API server's words.
+  GET only: it is all fsl-edge sends.
 
 Not emulated: validation, defaulting beyond the above, field ownership between several
 managers, admission, RBAC, watches of the objects served here. The product is never shaped to
@@ -51,6 +61,8 @@ import yaml
 NAMESPACES = kmock.resource(group="", version="v1", plural="namespaces")
 _NAMESPACE_PATH = re.compile(r"^/api/v1/namespaces(?:/(?P<name>[^/]+))?/?$")
 _WORKLOADS = {"deployments", "statefulsets"}
+_PROXY_PATH = re.compile(r"^/api/v1/namespaces/(?P<namespace>[^/]+)/services/(?P<target>[^/]+)"
+                         r"/proxy(?:/(?P<path>.*))?$")
 
 
 class KubeApi(kmock.KubernetesEmulator):
@@ -63,9 +75,14 @@ class KubeApi(kmock.KubernetesEmulator):
         self.lb_address = "203.0.113.7"  # TEST-NET-3: documentation only, never routed
         self._versions = itertools.count(1)
         self._node_ports = itertools.count(30100)
+        # (namespace, Service, port number) -> base URL of the ready pod behind it, for the proxy
+        self.endpoints: dict[tuple[str, str, int], str] = {}
 
     async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
-        path = request.url.path
+        path = request.url.path  # percent-decoded: the client sends NAME%3APORT
+        proxy = _PROXY_PATH.match(path)
+        if proxy and request.method == kmock.method.GET:
+            return await self._proxy(request, **proxy.groupdict())
         ns_match = _NAMESPACE_PATH.match(path) if request.subresource is None else None
         if ns_match and request.method != kmock.method.GET or (ns_match and ns_match["name"]):
             key = (NAMESPACES, None, ns_match["name"])
@@ -115,6 +132,34 @@ class KubeApi(kmock.KubernetesEmulator):
                 self._objects[key].history.append(new)
             await self._buses[resource].put({"type": "MODIFIED" if current else "ADDED", "object": new})
         return _json(new, 200 if current else 201)
+
+    async def _proxy(self, request: kmock.Request, namespace: str, target: str,
+                     path: str | None) -> aiohttp.web.StreamResponse:
+        """The service proxy: find the Service and its port, forward to the pod, pass on its answer."""
+        parts = target.split(":")  # [SCHEME:]NAME[:PORT], split as the API server splits it
+        name, port = (parts + [""])[:2] if len(parts) < 3 else parts[1:]
+        async with self._lock:
+            service = next((o.raw for k, o in self._objects.items() if not o.deleted
+                            and (k[0].plural, k[1], k[2]) == ("services", namespace, name)), None)
+        if service is None:
+            return _status(404, "NotFound", f'services "{name}" not found')
+        ports = service.get("spec", {}).get("ports", [])
+        if port:  # a port's name or number; without one, the Service must have a single port
+            ports = [p for p in ports if port in (p.get("name"), str(p.get("port")))]
+        url = self.endpoints.get((namespace, name, ports[0]["port"])) if len(ports) == 1 else None
+        if url is None:
+            return _status(503, "ServiceUnavailable",
+                           f'no endpoints available for service "{name}"')
+        try:
+            async with aiohttp.ClientSession() as session, session.get(
+                    f"{url.rstrip('/')}/{path or ''}", params=request.url.query,
+                    timeout=aiohttp.ClientTimeout(total=10)) as resp:
+                body = await resp.read()
+                content_type = resp.headers.get("Content-Type", "application/octet-stream")
+                return aiohttp.web.Response(status=resp.status, body=body,
+                                            headers={"Content-Type": content_type})
+        except (aiohttp.ClientError, TimeoutError) as e:
+            return _status(503, "ServiceUnavailable", f"error trying to reach service: {e}")
 
     def _merge(self, resource, namespace: str | None, body: dict, current: dict | None) -> dict:
         """The object after a write of `body`: server-owned fields kept, controllers' work done."""
