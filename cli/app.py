@@ -16,12 +16,13 @@ from typer._click.exceptions import ClickException  # typer 0.29 vendors click h
 from fsl_edge.config_file import settings_error
 from fsl_edge.errors import FslError
 
-from . import agent, coordinator, data, deploy, enroll, models, simulate, status, up
+from . import agent, audit, coordinator, data, deploy, enroll, models, simulate, status, up
 
 app = typer.Typer(name="fsl-edge", no_args_is_help=True, add_completion=False,
                   help="Split federated fine-tuning of LLMs with LoRA, at the edge.")
 app.add_typer(models.app, name="models")
 app.add_typer(data.app, name="data")
+app.add_typer(audit.app, name="audit")
 app.command("simulate")(simulate.simulate)
 app.command("status")(status.status)
 app.command("coordinator")(coordinator.coordinator)
