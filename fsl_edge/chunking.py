@@ -36,9 +36,13 @@ MQTT_RESERVE = 512
 
 _HDR = struct.Struct("<4sB3x16sIIQQ16sI")
 HEADER_SIZE = _HDR.size
-# Bookkeeping a pending chunk costs besides its data; counted against the per-sender budget so a
-# flood of tiny chunks cannot grow memory either.
-_ENTRY_OVERHEAD = 128
+# What a pending message and each chunk held cost besides the data, counted against the
+# per-sender budget so that a flood of tiny chunks or messages cannot grow memory either.
+# Measured on CPython 3.11 (tests/unit/test_fuzz.py checks them with tracemalloc): a chunk keeps
+# its whole packet alive (header, bytes object) plus a memoryview, a tuple and an index entry
+# (~570 bytes); a message its record, key, digest and index (~500 bytes).
+_CHUNK_OVERHEAD = 640
+_MESSAGE_OVERHEAD = 1024
 
 
 def digest(message: bytes | memoryview) -> bytes:
@@ -105,7 +109,9 @@ class Reassembler:
         self.deadline_s = deadline_s
         self.clock = clock
         self.stats: Counter[str] = Counter()
+        # in the order the messages started, which is the order they expire in
         self._pending: dict[tuple[Hashable, bytes], _Pending] = {}
+        self._used: Counter[Hashable] = Counter()  # bytes reserved per sender, kept in step
         # Ids of finished, expired or dropped messages: late duplicates of their chunks are ignored
         # instead of starting a message that can never complete. Bounded.
         self._closed: OrderedDict[tuple[Hashable, bytes], None] = OrderedDict()
@@ -115,7 +121,7 @@ class Reassembler:
     def buffered_bytes(self, sender: Hashable | None = None) -> int:
         """Bytes reserved by incomplete messages (of one sender, or of all)."""
         with self._lock:
-            return sum(p.reserved for (s, _), p in self._pending.items() if sender is None or s == sender)
+            return sum(self._used.values()) if sender is None else self._used[sender]
 
     def pending(self, sender: Hashable | None = None) -> int:
         with self._lock:
@@ -137,14 +143,23 @@ class Reassembler:
             return self._expire(self.clock())
 
     def _expire(self, now: float) -> int:
-        stale = [key for key, p in self._pending.items() if now - p.started > self.deadline_s]
+        # the oldest first, stopping at the first still in time: a feed costs O(1), not O(pending)
+        stale = []
+        for key, p in self._pending.items():
+            if now - p.started <= self.deadline_s:
+                break
+            stale.append(key)
         for key in stale:
             self._close(key)
         self.stats["expired"] += len(stale)
         return len(stale)
 
     def _close(self, key: tuple[Hashable, bytes]) -> None:
-        self._pending.pop(key, None)
+        p = self._pending.pop(key, None)
+        if p is not None:
+            self._used[key[0]] -= p.reserved
+            if not self._used[key[0]]:
+                del self._used[key[0]]
         self._closed[key] = None
         while len(self._closed) > self._remember:
             self._closed.popitem(last=False)
@@ -176,12 +191,11 @@ class Reassembler:
                                                f"{len(data)} bytes at offset {offset} of {total}")
         p = self._pending.get(key)
         if p is None:
-            reserved = total + count * _ENTRY_OVERHEAD
-            used = sum(q.reserved for (s, _), q in self._pending.items() if s == sender)
-            if used + reserved > self.max_buffered_per_sender:
-                raise self._reject(key, "overflow", f"sender {sender!r} would buffer {used + reserved} bytes, "
-                                                    f"the limit is {self.max_buffered_per_sender}")
+            # the data is reserved in full up front; the bookkeeping as the chunks arrive
+            reserved = total + _MESSAGE_OVERHEAD
+            self._check_budget(key, reserved + _CHUNK_OVERHEAD)
             p = self._pending[key] = _Pending(count, total, whole, self.clock(), reserved)
+            self._used[sender] += reserved
         elif (count, total, whole) != (p.count, p.total, p.whole):
             raise self._reject(key, "corrupt", f"chunk {index} disagrees with earlier chunks of its message")
         if index in p.parts:
@@ -189,9 +203,18 @@ class Reassembler:
             return None
         if p.received + len(data) > p.total:
             raise self._reject(key, "corrupt", f"chunks carry more than the declared {p.total} bytes")
+        self._check_budget(key, _CHUNK_OVERHEAD)
         p.parts[index] = (offset, data)
         p.received += len(data)
+        p.reserved += _CHUNK_OVERHEAD
+        self._used[sender] += _CHUNK_OVERHEAD
         return self._complete(key, p) if len(p.parts) == p.count else None
+
+    def _check_budget(self, key: tuple[Hashable, bytes], more: int) -> None:
+        sender, used = key[0], self._used[key[0]]
+        if used + more > self.max_buffered_per_sender:
+            raise self._reject(key, "overflow", f"sender {sender!r} would buffer {used + more} bytes, "
+                                                f"the limit is {self.max_buffered_per_sender}")
 
     def _complete(self, key: tuple[Hashable, bytes], p: _Pending) -> bytes:
         parts = [p.parts[i] for i in range(p.count)]

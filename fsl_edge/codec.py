@@ -40,6 +40,7 @@ DTYPES: dict[str, tuple[torch.dtype, np.dtype]] = {
     "bool": (torch.bool, np.dtype("?")),
 }
 _NAME_OF = {torch_dtype: name for name, (torch_dtype, _) in DTYPES.items()}
+MAX_NDIM = 64  # decode_tensor's own bound; the protocol's Limits.max_ndim is tighter
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -205,8 +206,15 @@ def decode_tensor(data: bytes | memoryview, meta: TensorMeta, max_bytes: int) ->
         raise CodecError(f"codec: unknown dtype '{meta.dtype}' (known: {', '.join(DTYPES)})")
     if any(d < 0 for d in meta.shape):
         raise CodecError(f"codec: negative dimension in shape {meta.shape}")
+    if len(meta.shape) > MAX_NDIM:
+        raise CodecError(f"codec: {len(meta.shape)} dimensions, at most {MAX_NDIM} are decoded")
     if meta.nbytes > max_bytes:
         raise CodecError(f"codec: tensor of shape {meta.shape} {meta.dtype} needs {meta.nbytes} bytes > limit {max_bytes}")
+    # An empty tensor (a 0 in its shape) must not declare dimensions no non-empty one could have
+    # within the limit: torch cannot hold them (reshape to (0, 2**64 - 1) raises TypeError).
+    if math.prod(max(d, 1) for d in meta.shape) * itemsize(meta.dtype) > max_bytes:
+        raise CodecError(f"codec: empty tensor of shape {meta.shape} {meta.dtype} has dimensions "
+                         f"beyond the limit of {max_bytes} bytes")
     pipeline = build_pipeline(list(meta.stages))
     # The layout each stage saw when encoding is re-derived forwards; decoding then runs backwards.
     layouts = [Layout(meta.dtype, meta.shape)]

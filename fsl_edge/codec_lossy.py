@@ -86,6 +86,8 @@ class RandTopk(TensorStage):
         return layout
 
     def encode(self, t: torch.Tensor) -> torch.Tensor:
+        if not t.is_floating_point():  # else torch fails first, with NotImplementedError on bool
+            raise self.fail(f"sparsifies floating-point tensors only, not {t.dtype}")
         flat = t.reshape(-1)
         n = flat.numel()
         keep = min(n, max(1, math.ceil(self.k * n))) if n else 0

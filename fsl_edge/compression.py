@@ -160,4 +160,10 @@ def aggregate(global_: State, deltas: list[State], weights: list[float],
               step: Callable[[State, State, float], State], lr: float) -> State:
     """The next global site adapter: the weighted mean delta, applied to the global adapter (not
     to the copy the agents trained from: what the download left out is not lost)."""
-    return step(global_, apply(global_, average(deltas, weights)), lr)
+    return advance(global_, average(deltas, weights), step, lr)
+
+
+def advance(global_: State, mean_delta: State, step: Callable[[State, State, float], State],
+            lr: float) -> State:
+    """The next global site adapter from a mean delta computed elsewhere (robust.robust_mean)."""
+    return step(global_, apply(global_, mean_delta), lr)
