@@ -11,6 +11,7 @@ from enum import Enum
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .errors import SplitError
+from .robust import RobustSettings
 
 
 class SplitMode(str, Enum):
@@ -240,6 +241,7 @@ class LearningSettings(_Strict):
     compression: CompressionSettings = Field(default_factory=CompressionSettings)
     prefix: PrefixSettings = Field(default_factory=PrefixSettings)
     selection: SelectionSettings = Field(default_factory=SelectionSettings)
+    robust: RobustSettings = Field(default_factory=RobustSettings)
 
     @model_validator(mode="after")
     def _prefix_fits(self) -> LearningSettings:

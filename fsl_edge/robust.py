@@ -231,3 +231,17 @@ class Quarantine:
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ConfigError(f"not a quarantine state: {e}") from e
         self.strikes, self.terms = strikes, terms
+
+
+def aggregate_round(global_: State, deltas: Sequence[State], weights: Sequence[float],
+                    settings: RobustSettings, server_lr: float) -> tuple[State, RobustMean]:
+    """The next global site adapter from a round's deltas, screened as `settings` says: the one
+    rule the coordinator and the simulation both apply (so they agree bit for bit). With no
+    delta passing the checks, the global adapter stays as it was."""
+    from .aggregation import server_step
+    from .compression import advance
+
+    outcome = robust_mean(deltas, weights, settings)
+    if outcome.mean is None:
+        return global_, outcome
+    return advance(global_, outcome.mean, server_step, server_lr), outcome

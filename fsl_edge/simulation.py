@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from .aggregation import fedavg, server_step
-from .compression import Downlink, StepCodec, Uplink, aggregate, payload_bytes
+from .compression import Downlink, StepCodec, Uplink, payload_bytes
 from .config import LearningSettings
 from .data import Batch, BatchStream, Example, collate, examples_digest
 from .messages import ADAPTER_DOWN, ADAPTER_UP, KINDS
+from .robust import aggregate_round
 from .split import check_parity, discover
 from .step import ServerPart, SitePart, party_options, split_eval, split_step
 
@@ -150,8 +150,8 @@ def simulate(model: torch.nn.Module, sites: Sequence[SiteData], settings: Learni
             send, decoded = uplink.delta(part.adapter(), base)
             sent[ADAPTER_UP] += payload_bytes(send, pipes.upload)
             deltas.append(decoded)
-        site_adapter = aggregate(site_adapter, deltas, [tokens[s.name] for s in sites], fedavg,
-                                 server_step, train.server_lr)
+        site_adapter, _ = aggregate_round(site_adapter, deltas, [tokens[s.name] for s in sites],
+                                          settings.robust, train.server_lr)
         history.append(evaluate_round(r, losses, tokens, sent, started))
     return SimulationResult(history, site_adapter, server.adapter(),
                             {"cut": cut.model_dump(mode="json"), "sites": [s.name for s in sites]})

@@ -60,23 +60,18 @@ def run(seed: int = 0, record=None):
 
 @pytest.fixture(scope="module")
 def recorded():
-    """One run, with every fedavg call and every on_round callback recorded."""
+    """One run, with every aggregation and every on_round callback recorded."""
     calls, rounds = [], []
-    real, real_aggregate = simulation.fedavg, simulation.aggregate
+    real = simulation.aggregate_round
 
-    def recording_fedavg(states, weights):
-        out = real(states, weights)
-        calls.append(([copy.deepcopy(s) for s in states], list(weights), out))
-        return out
-
-    def recording_aggregate(global_, *args):
-        out = real_aggregate(global_, *args)
-        calls[-1] += (copy.deepcopy(global_), out)
-        return out
+    def recording_aggregate(global_, deltas, weights, *args):
+        out, outcome = real(global_, deltas, weights, *args)
+        calls.append(([copy.deepcopy(s) for s in deltas], list(weights), outcome.mean,
+                      copy.deepcopy(global_), out))
+        return out, outcome
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(simulation, "fedavg", recording_fedavg)
-        mp.setattr(simulation, "aggregate", recording_aggregate)
+        mp.setattr(simulation, "aggregate_round", recording_aggregate)
         result = run(record=rounds.append)
     return result, calls, rounds
 
