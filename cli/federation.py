@@ -2,7 +2,9 @@
 
 This is what `fsl-edge up` runs. Each process is the real `fsl-edge coordinator` / `fsl-edge
 agent` command, talking through a real broker, so a local run exercises everything a deployed
-one does except the network between sites. Logs go to <workdir>/logs/.
+one does except the network between sites. Messages are signed with keys made for the run, as
+an enrolled federation's are (the coordinator reads the node keys from <workdir>/keys, a folder
+laid out like `fsl-edge enroll --local`'s). Logs go to <workdir>/logs/.
 """
 
 from __future__ import annotations
@@ -20,11 +22,41 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fsl_edge import auth
+from fsl_edge.atomic import write_atomic
 from fsl_edge.broker import BrokerProcess, free_port, local_broker
 from fsl_edge.config_file import dump_settings
 from fsl_edge.coordinator.settings import CoordinatorSettings
 from fsl_edge.errors import TemporaryError
 from fsl_edge.status import Status
+
+
+# Keys a process must not inherit from the shell: the run's own (or none) are passed explicitly.
+_AUTH_ENV = (auth.NODE_KEY_ENV, auth.COORDINATOR_PUBKEY_ENV, auth.NODE_KEYS_DIR_ENV, auth.SIGNING_KEY_ENV)
+
+
+@dataclass(frozen=True)
+class LocalKeys:
+    """Every message key of a federation on one machine, made for the run."""
+
+    signing_key: str
+    """The coordinator's (base64 Ed25519 private key)."""
+    node_keys: dict[str, str]
+    """Site -> its node key (base64)."""
+
+    @classmethod
+    def generate(cls, sites: list[str]) -> LocalKeys:
+        return cls(auth.new_signing_key(), {site: auth.new_node_key() for site in sites})
+
+    def coordinator_env(self, folder: Path) -> dict[str, str]:
+        """Write the node keys where the coordinator reads them; its environment."""
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        write_atomic(folder / auth.NODE_KEYS_JSON, json.dumps(self.node_keys, indent=1))  # 0600
+        return {auth.NODE_KEYS_DIR_ENV: str(folder), auth.SIGNING_KEY_ENV: self.signing_key}
+
+    def agent_env(self, site: str) -> dict[str, str]:
+        return {auth.NODE_KEY_ENV: self.node_keys[site],
+                auth.COORDINATOR_PUBKEY_ENV: auth.public_key_of(self.signing_key)}
 
 
 @dataclass
@@ -40,20 +72,24 @@ class Federation:
     """Runs each agent inside something (a network namespace: `ip netns exec ...`)."""
     agent_broker: str | None = None
     """The broker's address as the agents reach it, when not the coordinator's."""
+    keys: LocalKeys | None = None
+    """The run's message keys; None: nothing is signed or checked."""
 
     @property
     def checkpoint_dir(self) -> Path:
         return self.settings.checkpoint_dir
 
-    def _spawn(self, name: str, args: list[str], wrap=None) -> None:
+    def _spawn(self, name: str, args: list[str], wrap=None, keys: dict[str, str] | None = None) -> None:
         logs = self.workdir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         argv = [sys.executable, "-m", "fsl_edge.cli.app", *args]
+        inherited = {k: v for k, v in os.environ.items() if k not in _AUTH_ENV}
         with open(logs / f"{name}.log", "ab") as log:
             self.processes[name] = subprocess.Popen(
                 wrap(argv) if wrap else argv, stdout=log,
                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env={"OMP_NUM_THREADS": str(self.threads), **os.environ, "PYTHONUNBUFFERED": "1"})
+                env={"OMP_NUM_THREADS": str(self.threads), **inherited, "PYTHONUNBUFFERED": "1",
+                     **(keys or {})})
 
     @property
     def threads(self) -> int:
@@ -71,7 +107,8 @@ class Federation:
         config = self.workdir / "coordinator.yaml"
         dump_settings(self.settings, config)
         self.status_url = f"http://{self.settings.status_host}:{self.settings.status_port}"
-        self._spawn("coordinator", ["coordinator", "--config", str(config)])
+        keys = self.keys.coordinator_env(self.workdir / "keys") if self.keys else None
+        self._spawn("coordinator", ["coordinator", "--config", str(config)], keys=keys)
 
     def start_agent(self, name: str) -> None:
         """Start (or restart: it resumes from its own state) the agent of site `name`."""
@@ -80,7 +117,8 @@ class Federation:
         self._spawn(f"agent-{name}", [
             "agent", "--id", name, "--data", str(site_files(self.data_dir)[name][0]),
             "--broker", self.agent_broker or rt.broker, "--run-id", rt.run_id,
-            "--workdir", str(self.workdir / "agents" / name)], self.agent_wrap)
+            "--workdir", str(self.workdir / "agents" / name)], self.agent_wrap,
+            self.keys.agent_env(name) if self.keys else None)
 
     def status(self) -> Status | None:
         """The coordinator's status, or None while it is not serving yet."""
@@ -133,9 +171,10 @@ class Federation:
 
 
 def prepare(workdir: Path, settings: CoordinatorSettings, sites: list[str], data_dir: Path,
-            broker_url: str | None, embedded: bool) -> Federation:
-    """Clear the previous run's state, start a broker unless one is given, fill in addresses."""
-    for stale in (workdir / "checkpoints", workdir / "agents", workdir / "logs"):
+            broker_url: str | None, embedded: bool, signed: bool = True) -> Federation:
+    """Clear the previous run's state, start a broker unless one is given, fill in addresses;
+    `signed`: make message keys for the coordinator and every site."""
+    for stale in (workdir / "checkpoints", workdir / "agents", workdir / "logs", workdir / "keys"):
         shutil.rmtree(stale, ignore_errors=True)
     workdir.mkdir(parents=True, exist_ok=True)
     broker = None
@@ -146,4 +185,5 @@ def prepare(workdir: Path, settings: CoordinatorSettings, sites: list[str], data
         "runtime": settings.runtime.model_copy(update={"broker": broker_url}),
         "checkpoint_dir": workdir / "checkpoints", "min_agents": len(sites),
         "status_port": settings.status_port or free_port()})
-    return Federation(workdir, settings, sites, data_dir, broker)
+    return Federation(workdir, settings, sites, data_dir, broker,
+                      keys=LocalKeys.generate(sites) if signed else None)

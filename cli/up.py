@@ -64,7 +64,8 @@ def up(
                   + ("" if fed.broker is None or fed.broker.name == "amqtt"
                      else " (local mosquitto found; --embedded uses amqtt)")
                   + f"\nmodel {model}, {agents} agents: {', '.join(fed.sites)}; "
-                  f"MQTT on loopback in the clear (deployments use TLS); logs in {workdir / 'logs'}")
+                  f"MQTT on loopback in the clear (deployments use TLS), messages signed with keys "
+                  f"made for this run; logs in {workdir / 'logs'}")
     started = time.monotonic()
     try:
         fed.start()

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 import torch
 
 from fsl_edge import protocol
-from fsl_edge.aggregation import fedavg, server_step
-from fsl_edge.compression import Downlink, StepCodec, aggregate
+from fsl_edge.compression import Downlink, StepCodec
+from fsl_edge.ledger import LEDGER, Ledger
+from fsl_edge.robust import Quarantine, aggregate_round
 from fsl_edge.errors import CodecError, ProtocolError
 from fsl_edge.protocol import Envelope, MessageKind
 from fsl_edge.split import check_parity, discover
@@ -91,6 +92,12 @@ class Coordinator:
             self.status.agents = {a: AgentStatus(**r) for a, r in ckpt.state["registry"].items()}
             self.status.checkpoint = str(settings.checkpoint_dir)
             log.info("resumed from %s after round %d", settings.checkpoint_dir, ckpt.round)
+        self.quarantine = Quarantine.from_settings(settings.training.robust)
+        if ckpt is not None and "quarantine" in ckpt.state:
+            self.quarantine.load_state_dict(ckpt.state["quarantine"])
+        # every round on a signed, hash-chained record, written before its checkpoint
+        self.ledger = Ledger.open(settings.checkpoint_dir / LEDGER, None, self.run_id,
+                                  settings.fingerprint(), resumed=self.round)
         self.status.round = self.round
         if self.round >= train.rounds:
             self.status.state = "finished"
@@ -291,7 +298,12 @@ class Coordinator:
         # the first round of this process (a fresh run, or one resumed after a crash) waits for
         # min_agents, so a restart does not leave behind the agents still reconnecting
         need = self.settings.min_agents if self.attempts == 0 else self.settings.quorum
-        agents = self.online()
+        for agent in self.quarantine.release(self.round + 1):
+            log.info("%s is released from quarantine", agent)
+        excluded = self.quarantine.excluded(self.round + 1)
+        for agent in excluded & set(self.status.agents):
+            self.status.agents[agent].state = "quarantined"
+        agents = [a for a in self.online() if a not in excluded]
         if len(agents) < need:
             return
         self.round += 1
@@ -333,19 +345,33 @@ class Coordinator:
         if not self.split.finished or not self.members <= set(self.uploads):
             return
         names = sorted(self.uploads)
-        self.site_adapter = aggregate(self.site_adapter, [self.uploads[a].state for a in names],
-                                      [self.uploads[a].tokens for a in names], fedavg, server_step,
-                                      self.settings.training.train.server_lr)
+        robust = self.settings.training.robust
+        self.site_adapter, outcome = aggregate_round(
+            self.site_adapter, [self.uploads[a].state for a in names],
+            [self.uploads[a].tokens for a in names], robust, self.settings.training.train.server_lr)
+        verdicts = dict(zip(names, outcome.verdicts))
+        rejected = [(a, v.status + ": " + v.reason, self.uploads[a].state)
+                    for a, v in verdicts.items() if v.flagged]
+        for agent, reason, _ in rejected:
+            self.reject(verdicts[agent].status, agent, reason)
+        for agent in self.quarantine.record(self.round, {a: v.flagged for a, v in verdicts.items()}):
+            log.warning("%s is quarantined: its updates failed the checks %d rounds in a row",
+                        agent, robust.quarantine_after)
+        accepted = [a for a in names if verdicts[a].status != "rejected"]
+        self.ledger.append_round(self.round, {a: (self.uploads[a].tokens, self.uploads[a].state)
+                                              for a in accepted},
+                                 self.site_adapter, self.trunk.adapter(), rejected=rejected)
         tokens = sum(u.tokens for u in self.uploads.values())
         self.status.history.append(RoundRecord(
             round=self.round, participants=names, tokens=tokens,
             train_loss=sum(self.uploads[a].loss * self.uploads[a].tokens for a in names) / tokens,
             seconds=time.monotonic() - self.round_started, traffic=self.round_traffic))
-        for a in names:
+        for a in accepted:
             self.status.agents[a].rounds_contributed += 1
         checkpoint.save(self.settings.checkpoint_dir, self.round, self.site_adapter, self.trunk,
                         {"fingerprint": self.settings.fingerprint(),
                          "selection": self.trunk.selector.state_dict(),
+                         "quarantine": self.quarantine.state_dict(),
                          "history": [h.model_dump() for h in self.status.history],
                          "registry": {a: {"tokens": st.tokens, "rounds_contributed": st.rounds_contributed,
                                           "loss": st.loss} for a, st in self.status.agents.items()}})

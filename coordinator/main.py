@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from fsl_edge import protocol
+from fsl_edge.auth import coordinator_authenticator
 from fsl_edge.atomic import write_atomic
 from fsl_edge.models import load
 from fsl_edge.status import Status
@@ -22,11 +23,16 @@ def run_coordinator(settings: CoordinatorSettings, stop=lambda: False,
     """Run until the last round is aggregated; returns the final status."""
     rt = settings.runtime
     status_topic = protocol.topic_status(rt.run_id, ME)
+    # signs what it sends, checks what agents send: on whenever node keys are configured
+    authenticator = coordinator_authenticator(ME, settings.require_auth)
+    if authenticator is None:
+        log.warning("no node keys configured (FSL_NODE_KEYS_DIR): messages are neither signed "
+                    "nor checked")
     link = MqttLink(rt.broker, f"fsl-{rt.run_id}-{ME}",
                     [protocol.topic_all_up(rt.run_id), protocol.topic_all_status(rt.run_id)],
                     will=(status_topic, protocol.STATUS_OFFLINE),
                     online=(status_topic, protocol.STATUS_ONLINE), max_packet=rt.max_packet,
-                    login=BrokerLogin.from_env())
+                    login=BrokerLogin.from_env(), authenticator=authenticator)
     coordinator = None
     server = StatusServer(lambda: coordinator.published if coordinator else Status(run=rt.run_id),
                           lambda: coordinator is not None and link.connected.is_set(),

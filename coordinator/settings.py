@@ -25,6 +25,10 @@ class CoordinatorSettings(BaseModel):
     """Agents the registry accepts; further HELLOs are refused (bounds memory and rounds)."""
     quorum: int = Field(1, ge=1)
     """Agents that must be online for a later round to start."""
+    require_auth: bool | None = None
+    """Drop messages that are not signed. None: true whenever node keys are configured
+    (FSL_NODE_KEYS_DIR and the coordinator's signing key); false lets unsigned agents in while
+    signed messages are still checked, for moving a federation to keys only."""
     checkpoint_dir: Path = Path("runs/coordinator")
     """Checkpoints after every round; started again on this folder, the coordinator resumes."""
     status_host: str = "127.0.0.1"

@@ -7,6 +7,7 @@ import logging
 import torch
 
 from fsl_edge import protocol
+from fsl_edge.auth import agent_authenticator
 from fsl_edge.data import BatchStream, examples_digest, load_samples, pad_id_of, tokenize
 from fsl_edge.models import load
 from fsl_edge.config import LearningSettings
@@ -50,12 +51,17 @@ def run_agent(settings: AgentSettings) -> int:
     """Run the agent until the coordinator finishes the run; returns the rounds it trained."""
     rt = settings.runtime
     status_topic = protocol.topic_status(rt.run_id, settings.agent_id)
+    # with a node key it signs what it sends and obeys only what the coordinator signed
+    authenticator = agent_authenticator(settings.agent_id)
+    if authenticator is None:
+        log.warning("%s: no node key configured (FSL_NODE_KEY): messages are neither signed nor "
+                    "checked", settings.agent_id)
     link = MqttLink(rt.broker, f"fsl-{rt.run_id}-{settings.agent_id}",
                     [protocol.topic_down(rt.run_id, settings.agent_id),
                      protocol.topic_broadcast(rt.run_id)],
                     will=(status_topic, protocol.STATUS_OFFLINE),
                     online=(status_topic, protocol.STATUS_ONLINE), max_packet=rt.max_packet,
-                    login=BrokerLogin.from_env())
+                    login=BrokerLogin.from_env(), authenticator=authenticator)
     link.start()
     try:
         return Agent(settings, link, builder(settings)).run()

@@ -11,7 +11,6 @@ from enum import Enum
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .errors import SplitError
-from .robust import RobustSettings
 
 
 class SplitMode(str, Enum):
@@ -229,6 +228,34 @@ class PrefixSettings(_Strict):
         if v not in ("auto", "torch", "onnxruntime"):
             raise ValueError(f"backend must be 'auto', 'torch' or 'onnxruntime', not {v!r}")
         return v
+
+
+class RobustRule(str, Enum):
+    NONE = "none"
+    """FedAvg of the updates that pass the checks."""
+    NORM_CLIP = "norm-clip"
+    """Scale an update whose norm exceeds the bound down to the bound instead of dropping it."""
+    TRIMMED_MEAN = "trimmed-mean"
+    """Coordinate-wise trimmed mean (Yin et al., ICML 2018) of the updates that pass."""
+
+
+class RobustSettings(_Strict):
+    """How the coordinator screens and combines the site adapter deltas of a round."""
+
+    rule: RobustRule = RobustRule.NONE
+    """none | norm-clip | trimmed-mean (see RobustRule)."""
+    max_norm_ratio: float | None = Field(10.0, ge=1.0)
+    """Bound on an update's L2 norm as a multiple of the median norm of the round's finite
+    updates: over it, the update is rejected (clipped to it under norm-clip). None: no bound.
+    A median of 0 makes every non-zero update exceed it."""
+    trim: float = Field(0.1, ge=0.0, lt=0.5)
+    """trimmed-mean only: the fraction of the n updates dropped at each end of every coordinate,
+    floor(trim * n) values each side; 0.1 with fewer than 10 updates drops nothing."""
+    quarantine_after: int = Field(3, ge=0)
+    """Quarantine a node whose updates fail the checks this many rounds in a row (clipped ones
+    count: they failed the norm check). 0: never quarantine."""
+    quarantine_rounds: int | None = Field(None, ge=1)
+    """How many rounds a quarantine lasts; None: until an operator lifts it."""
 
 
 class LearningSettings(_Strict):

@@ -7,14 +7,20 @@ Envelope layout (all integers little-endian)::
 
     header   magic "FSLE" | version u8 | kind u8 | flags u16 | round u32 | step u32 | seq u64
              | len(run_id) u8 | len(agent_id) u8 | n_tensors u16 | len(meta) u32      (32 bytes)
+    auth     (flag SIGNED only) boot u64 | scheme u8 | len(sender) u8 | sender (utf-8)
     run_id, agent_id (utf-8), meta (JSON object, utf-8)
     per tensor: len(name) u8, name | dtype code u8 | ndim u8 | dims u64 * ndim
                 | n_stages u8, per stage: len u8, spec (ascii) | payload length u64
     payloads, in table order
+    mac      (flag SIGNED only) 32 bytes (HMAC-SHA256) or 64 (Ed25519), by scheme
     crc32 u32 of everything above
 
-Decoding checks magic, version, size and checksum first, then every declared length against the
-bytes actually left and against `Limits`, so nothing is allocated on a sender's word.
+An unsigned envelope is byte for byte what it was before signing existed, so an unsigned peer's
+message still decodes and is refused as unsigned, not as garbage. The MAC covers the topic and
+everything from the magic up to the MAC (fsl_edge.auth); `seq` with the sender's random `boot`
+lets a receiver refuse replays. Decoding checks magic, version, size and checksum first, then
+every declared length against the bytes actually left and against `Limits`, so nothing is
+allocated on a sender's word.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from typing import Any, NamedTuple
 import torch
 
 from fsl_edge import codec
+from fsl_edge.auth import MAC_BYTES, Scheme, Signer
 from fsl_edge.errors import ProtocolError
 
 PROTOCOL_VERSION = 1
@@ -68,6 +75,7 @@ class Flag(IntFlag):
 
     NONE = 0
     RESEND = 1  # the sender repeats a step after a reconnect; apply at most once
+    SIGNED = 2  # an auth block follows the header and a MAC precedes the checksum
 
 
 _KNOWN_FLAGS = sum(Flag)
@@ -77,6 +85,7 @@ DTYPE_CODES = {"float32": 1, "float16": 2, "bfloat16": 3, "int64": 4, "int32": 5
 _DTYPE_OF_CODE = {code: name for name, code in DTYPE_CODES.items()}
 
 _HEADER = struct.Struct("<4sBBHIIQBBHI")
+_AUTH = struct.Struct("<QBB")
 _CRC = struct.Struct("<I")
 _U8, _U64 = struct.Struct("<B"), struct.Struct("<Q")
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # topic-safe: no '/', '+', '#'
@@ -167,9 +176,22 @@ class WireTensor:
     payload: bytes | memoryview  # a view into the received message: decoding copies nothing twice
 
 
+@dataclass(frozen=True)
+class Signature:
+    """The MAC of a received envelope and what it covers, for fsl_edge.auth to check."""
+
+    scheme: Scheme
+    mac: bytes
+    signed: memoryview
+    """The envelope from its magic up to the MAC (the topic is the receiver's to add)."""
+
+
 @dataclass
 class Envelope:
-    """One protocol message. agent_id is the agent it is from or for ("" when about all agents)."""
+    """One protocol message. agent_id is the agent it is from or for ("" when about all agents).
+
+    sender, boot and signature are set by decode_envelope from a signed envelope's auth block;
+    encode_envelope takes them from its signer."""
 
     kind: MessageKind
     run_id: str
@@ -180,6 +202,9 @@ class Envelope:
     flags: Flag = Flag.NONE
     meta: dict[str, Any] = field(default_factory=dict)
     tensors: list[WireTensor] = field(default_factory=list)
+    sender: str = ""
+    boot: int = 0
+    signature: Signature | None = field(default=None, compare=False, repr=False)
 
     def add_tensor(self, name: str, t: torch.Tensor, stages: list[str] | tuple[str, ...] = ("raw",)) -> None:
         payload, meta = codec.encode_tensor(t, stages)
@@ -196,9 +221,14 @@ class Envelope:
         return {wt.name: codec.decode_tensor(wt.payload, wt.meta, max_bytes) for wt in self.tensors}
 
 
-def encode_envelope(env: Envelope) -> bytes:
-    """Serialise an envelope; ProtocolError if a field cannot be represented."""
+def encode_envelope(env: Envelope, signer: Signer | None = None, topic: str = "") -> bytes:
+    """Serialise an envelope, signed by `signer` for `topic` when given; ProtocolError if a field
+    cannot be represented."""
     check_id(env.run_id, "run id")
+    if signer is not None:
+        check_id(signer.sender, "sender")
+        if not topic:
+            raise ProtocolError("a signed envelope needs the topic it is published on")
     if env.agent_id:
         check_id(env.agent_id, "agent id")
     for value, what, bits in ((env.round, "round", 32), (env.step, "step", 32), (env.seq, "seq", 64)):
@@ -211,10 +241,17 @@ def encode_envelope(env: Envelope) -> bytes:
     except (TypeError, ValueError) as e:
         raise ProtocolError(f"meta must hold only JSON values (finite numbers, str, list, dict): {e}") from e
     run, agent = env.run_id.encode(), env.agent_id.encode()
-    parts = [_HEADER.pack(MAGIC, PROTOCOL_VERSION, int(env.kind), int(env.flags), env.round, env.step, env.seq,
-                          len(run), len(agent), len(env.tensors), len(meta)), run, agent, meta]
+    flags = int(env.flags) & ~Flag.SIGNED | (Flag.SIGNED if signer is not None else 0)
+    parts = [_HEADER.pack(MAGIC, PROTOCOL_VERSION, int(env.kind), flags, env.round, env.step, env.seq,
+                          len(run), len(agent), len(env.tensors), len(meta))]
+    if signer is not None:
+        sender = signer.sender.encode()
+        parts += [_AUTH.pack(signer.boot, int(signer.scheme), len(sender)), sender]
+    parts += [run, agent, meta]
     parts += [_tensor_entry(wt) for wt in env.tensors]
     parts += [wt.payload for wt in env.tensors]
+    if signer is not None:
+        parts.append(signer.sign(topic, parts))
     crc = 0
     for part in parts:
         crc = zlib.crc32(part, crc)
@@ -270,14 +307,32 @@ def decode_envelope(data: bytes | memoryview, limits: Limits = Limits()) -> Enve
     if zlib.crc32(body) != declared:
         raise ProtocolError("checksum mismatch: the envelope was corrupted or truncated in transit")
 
-    r = _Reader(body)
-    _, _, kind, flags, rnd, step, seq, run_len, agent_len, n_tensors, meta_len = r.unpack(_HEADER, "header")
+    _, _, kind, flags, rnd, step, seq, run_len, agent_len, n_tensors, meta_len = _HEADER.unpack_from(body)
     try:
         kind = MessageKind(kind)
     except ValueError:
         raise ProtocolError(f"unknown message kind {kind}") from None
     if flags & ~_KNOWN_FLAGS:
         raise ProtocolError(f"unknown flag bits {flags & ~_KNOWN_FLAGS:#x}")
+    mac_len = 0
+    if flags & Flag.SIGNED:
+        if len(body) < _HEADER.size + _AUTH.size:
+            raise ProtocolError(f"truncated envelope: {len(body)} bytes cannot hold a signed header")
+        scheme = body[_HEADER.size + 8]
+        if scheme not in MAC_BYTES:
+            raise ProtocolError(f"unknown authentication scheme {scheme}")
+        mac_len = MAC_BYTES[Scheme(scheme)]
+        if len(body) - mac_len < _HEADER.size + _AUTH.size:
+            raise ProtocolError(f"truncated envelope: {len(body)} bytes cannot hold a header and a "
+                                f"{mac_len}-byte MAC")
+    signed = body[: len(body) - mac_len]
+    r = _Reader(signed)
+    r.take(_HEADER.size, "header")
+    sender, boot, signature = "", 0, None
+    if flags & Flag.SIGNED:
+        boot, scheme, sender_len = r.unpack(_AUTH, "auth block")
+        sender = check_id(_utf8(r.take(sender_len, "sender"), "sender"), "sender")
+        signature = Signature(Scheme(scheme), bytes(body[len(signed):]), signed)
     if n_tensors > limits.max_tensors:
         raise ProtocolError(f"{n_tensors} tensors declared, the limit is {limits.max_tensors}")
     if meta_len > limits.max_meta_bytes:
@@ -291,11 +346,12 @@ def decode_envelope(data: bytes | memoryview, limits: Limits = Limits()) -> Enve
     table = [_read_entry(r, limits) for _ in range(n_tensors)]
     if len({name for name, _, _ in table}) != len(table):
         raise ProtocolError("duplicate tensor names in one envelope")
-    if sum(n for _, _, n in table) != len(body) - r.pos:
+    if sum(n for _, _, n in table) != len(signed) - r.pos:
         raise ProtocolError(f"tensor table declares {sum(n for _, _, n in table)} payload bytes, "
-                            f"{len(body) - r.pos} are present")
+                            f"{len(signed) - r.pos} are present")
     tensors = [WireTensor(name, meta_, r.take(n, f"payload of {name}")) for name, meta_, n in table]
-    return Envelope(kind, run_id, agent_id, rnd, step, seq, Flag(flags), meta, tensors)
+    return Envelope(kind, run_id, agent_id, rnd, step, seq, Flag(flags & ~Flag.SIGNED), meta, tensors,
+                    sender, boot, signature)
 
 
 def _utf8(raw: memoryview, what: str) -> str:
@@ -316,6 +372,8 @@ def _parse_meta(raw: memoryview) -> dict[str, Any]:
         meta = json.loads(bytes(raw), parse_constant=_reject_constant)
     except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise ProtocolError(f"meta is not valid JSON: {e}") from e
+    except RecursionError:  # a few thousand '[' fit in max_meta_bytes
+        raise ProtocolError("meta is nested too deeply to be what fsl-edge sends") from None
     if not isinstance(meta, dict):
         raise ProtocolError(f"meta must be a JSON object, got {type(meta).__name__}")
     return meta

@@ -18,44 +18,13 @@ import math
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from enum import Enum
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
 from .aggregation import State, fedavg
+from .config import RobustRule, RobustSettings  # noqa: F401 - settings live with the others (no torch)
 from .errors import ConfigError
-
-
-class RobustRule(str, Enum):
-    NONE = "none"
-    """FedAvg of the updates that pass the checks."""
-    NORM_CLIP = "norm-clip"
-    """Scale an update whose norm exceeds the bound down to the bound instead of dropping it."""
-    TRIMMED_MEAN = "trimmed-mean"
-    """Coordinate-wise trimmed mean (Yin et al., ICML 2018) of the updates that pass."""
-
-
-class RobustSettings(BaseModel):
-    """How the coordinator screens and combines the site adapter deltas of a round."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    rule: RobustRule = RobustRule.NONE
-    """none | norm-clip | trimmed-mean (see RobustRule)."""
-    max_norm_ratio: float | None = Field(10.0, ge=1.0)
-    """Bound on an update's L2 norm as a multiple of the median norm of the round's finite
-    updates: over it, the update is rejected (clipped to it under norm-clip). None: no bound.
-    A median of 0 makes every non-zero update exceed it."""
-    trim: float = Field(0.1, ge=0.0, lt=0.5)
-    """trimmed-mean only: the fraction of the n updates dropped at each end of every coordinate,
-    floor(trim * n) values each side; 0.1 with fewer than 10 updates drops nothing."""
-    quarantine_after: int = Field(3, ge=0)
-    """Quarantine a node whose updates fail the checks this many rounds in a row (clipped ones
-    count: they failed the norm check). 0: never quarantine."""
-    quarantine_rounds: int | None = Field(None, ge=1)
-    """How many rounds a quarantine lasts; None: until an operator lifts it."""
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,8 @@ broker goes away; subscriptions are renewed on every connect because a restarted
 persistence has forgotten the session. Incoming chunks are reassembled and decoded in paho's
 thread and handed over through a queue, so the process's own loop stays single-threaded.
 Nothing raised while decoding may escape a paho callback (it would stop paho's thread): bad
-input is counted by reason and dropped.
+input is counted by reason and dropped. With an `auth.Authenticator`, every envelope sent is
+signed and every one received is checked (sender, MAC, run, replay) before anyone sees it.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from urllib.parse import urlparse
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from . import protocol
+from . import auth, protocol
 from .chunking import DEFAULT_MAX_PACKET, Reassembler, split_message
 from .errors import CodecError, ConfigError, ProtocolError, TransportError
 
@@ -80,8 +81,10 @@ class MqttLink:
     def __init__(self, url: str, client_id: str, subscriptions: list[str],
                  will: tuple[str, bytes] | None = None, online: tuple[str, bytes] | None = None,
                  max_packet: int = DEFAULT_MAX_PACKET, limits: protocol.Limits = protocol.Limits(),
-                 chunk_deadline_s: float = 60.0, login: BrokerLogin = BrokerLogin()):
+                 chunk_deadline_s: float = 60.0, login: BrokerLogin = BrokerLogin(),
+                 authenticator: auth.Authenticator | None = None):
         self.host, self.port = parse_broker_url(url)
+        self.auth = authenticator
         self.refused: str | None = None  # why the broker last refused us, for the error
         self.url, self.subscriptions, self.online = url, subscriptions, online
         self.max_packet, self.limits = max_packet, limits
@@ -92,7 +95,8 @@ class MqttLink:
         self._ever_connected = False
         self._reassembler = Reassembler(max_message_bytes=limits.max_message_bytes,
                                         deadline_s=chunk_deadline_s)
-        self._dups = protocol.DuplicateFilter()
+        self._dups = protocol.DuplicateFilter()  # unauthenticated envelopes only
+        self._refusals = auth.RateLimitedLog(log)
         self._seq = protocol.SequenceCounter()
         self._lock = threading.Lock()  # publish order
         self._count_lock = threading.Lock()  # drop counts, written by paho's thread
@@ -161,7 +165,11 @@ class MqttLink:
             if whole is None:
                 return
             env = protocol.decode_envelope(whole, self.limits)
-            if self._dups.is_duplicate(msg.topic, env.seq):
+            if self.auth is not None and not self._authentic(topic, msg, env):
+                return
+            # a verified envelope went through the sender's replay window instead; an
+            # unverified one must not poison that with a sequence number of its choosing
+            if (self.auth is None or env.signature is None) and self._dups.is_duplicate(msg.topic, env.seq):
                 self._count("duplicate")
                 return
             self.inbox.put(Received(topic, env, len(whole)))
@@ -171,6 +179,19 @@ class MqttLink:
         except Exception:  # noqa: BLE001 - paho's thread must survive anything
             self._count("malformed")
             log.exception("unexpected error decoding a message on %s", msg.topic)
+
+    def _authentic(self, topic: protocol.Topic, msg, env: protocol.Envelope) -> bool:
+        reason = self.auth.check(topic, msg.topic, env)
+        if reason is None:
+            return True
+        if reason == auth.REPLAYED and msg.dup:
+            reason = "duplicate"  # the broker says it delivers this again: QoS 1, not an attack
+        else:
+            claimed = env.sender or topic.agent or env.agent_id  # unverified: who it claims
+            self._refusals.warning((reason, claimed), "dropped a message (%s) on %s from %r: %s",
+                                   reason, msg.topic, claimed, auth.WHY[reason])
+        self._count(reason)
+        return False
 
     def _count(self, reason: str) -> None:
         with self._count_lock:
@@ -194,7 +215,7 @@ class MqttLink:
         """Encode, chunk and publish at QoS 1; returns the bytes handed to the broker."""
         with self._lock:  # sequence numbers in publish order
             env.seq = self._seq.next()
-            data = protocol.encode_envelope(env)
+            data = protocol.encode_envelope(env, self.auth.signer if self.auth else None, topic)
             for chunk in split_message(data, self.max_packet):
                 self.client.publish(topic, chunk, qos=protocol.QOS)
         return len(data)

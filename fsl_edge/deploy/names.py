@@ -34,6 +34,11 @@ NODE_KEYS_SECRET = "fsl-node-keys"
 """Opaque: one key per enrolled site, named after it; mounted into the coordinator."""
 NODE_KEYS_DIR = "/etc/fsl-edge/node-keys"
 """Where the coordinator sees fsl-node-keys: one file per site (FSL_NODE_KEYS_DIR)."""
+COORDINATOR_SIGNING_SECRET = "fsl-coordinator-signing"
+"""Opaque: the coordinator's Ed25519 message-signing key, `private` (its FSL_COORDINATOR_SIGNING_KEY)
+and `public` (what enroll writes into each site's agent.env); created once, never regenerated."""
+SIGNING_PRIVATE_KEY = "private"
+SIGNING_PUBLIC_KEY = "public"
 CA_FILE = "/etc/fsl-edge/tls/ca.crt"
 """Where the coordinator sees the broker's CA (FSL_MQTT_CA_FILE)."""
 

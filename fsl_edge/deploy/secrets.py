@@ -4,6 +4,8 @@
 - fsl-broker-tls: the broker's certificate from that CA; re-issued only when the names sites use
   change or it nears expiry. One the user brought (no fsl-edge labels) is never touched.
 - fsl-coordinator-mqtt: the coordinator's broker username and password, made once.
+- fsl-coordinator-signing: the coordinator's Ed25519 message-signing key, made once and never
+  regenerated (every site's bundle holds its public half).
 - fsl-broker-auth: the coordinator's entries are added to the password file and ACL (or
   repaired); every other entry, each site's, is left as `fsl-edge enroll` wrote it.
 
@@ -16,6 +18,7 @@ import secrets as random_secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from fsl_edge import auth
 from fsl_edge.errors import ConfigError
 
 from . import broker_auth, names, pki
@@ -45,6 +48,7 @@ def plan_secrets(read: Callable[[str], StoredSecret | None], namespace: str,
     _plan_tls(plan, read, namespace, broker_names)
     password = _plan_coordinator(plan, read, namespace)
     _plan_auth(plan, read, namespace, password)
+    _plan_signing(plan, read, namespace)
     return plan
 
 
@@ -105,6 +109,31 @@ def _plan_coordinator(plan: SecretPlan, read, namespace: str) -> str:
     plan.notes.append(f"created the coordinator's broker identity (Secret "
                       f"{names.COORDINATOR_MQTT_SECRET})")
     return password
+
+
+def _plan_signing(plan: SecretPlan, read, namespace: str) -> None:
+    stored = read(names.COORDINATOR_SIGNING_SECRET)
+    if stored is not None:
+        private = stored.data.get(names.SIGNING_PRIVATE_KEY, b"").decode(errors="replace")
+        public = stored.data.get(names.SIGNING_PUBLIC_KEY, b"").decode(errors="replace")
+        try:
+            intact = auth.public_key_of(private) == public.strip()
+        except ConfigError:
+            intact = False
+        if not intact:
+            raise ConfigError(f"Secret {names.COORDINATOR_SIGNING_SECRET} does not hold a matching "
+                              f"{names.SIGNING_PRIVATE_KEY}/{names.SIGNING_PUBLIC_KEY} key pair: "
+                              "restore it from a backup (a new key means enrolling every site again)")
+        return
+    if read(names.NODE_KEYS_SECRET) is not None:
+        plan.notes.append(f"warning: Secret {names.COORDINATOR_SIGNING_SECRET} is gone: a new "
+                          "signing key is made and every site must be enrolled again")
+    private = auth.new_signing_key()
+    plan.writes.append(secret_manifest(namespace, names.COORDINATOR_SIGNING_SECRET, {
+        names.SIGNING_PRIVATE_KEY: private.encode(),
+        names.SIGNING_PUBLIC_KEY: auth.public_key_of(private).encode()}, names.LABELS))
+    plan.notes.append(f"created the coordinator's message signing key (Secret "
+                      f"{names.COORDINATOR_SIGNING_SECRET})")
 
 
 def _plan_auth(plan: SecretPlan, read, namespace: str, password: str) -> None:

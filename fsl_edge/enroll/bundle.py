@@ -1,7 +1,8 @@
 """The site bundle `fsl-edge enroll` writes: compose.yaml, agent.env, ca.crt and a README.
 
 The bundle is staged in a hidden sibling folder and renamed into place only after the store has
-saved the identity, so a failed enroll leaves neither a bundle nor an identity behind.
+saved the identity, so a failed enroll leaves neither a bundle nor an identity behind. agent.env
+carries the coordinator's public key, so the site obeys only messages the coordinator signed.
 """
 
 from __future__ import annotations
@@ -17,10 +18,13 @@ from pathlib import Path
 
 import yaml
 
+from fsl_edge import auth
+from fsl_edge.atomic import write_atomic
+from fsl_edge.deploy.names import COORDINATOR_SIGNING_SECRET, SIGNING_PUBLIC_KEY
 from fsl_edge.errors import ConfigError, ProtocolError
 
 from .nodes import Identity, check_name, plan_enroll
-from .store import NodeStore
+from .store import KubeStore, LocalStore, NodeStore
 
 SECRET_MODE, PUBLIC_MODE = 0o600, 0o644
 # Where things are inside the agent container (docker/Dockerfile.agent creates them).
@@ -77,11 +81,12 @@ def broker_address(address: str) -> tuple[str, int]:
     return host, port
 
 
-def render(identity: Identity, site: Site) -> dict[str, tuple[bytes, int]]:
-    """Bundle file name -> (content, mode). agent.env holds the secrets; it is 0600."""
+def render(identity: Identity, site: Site, coordinator_key: str) -> dict[str, tuple[bytes, int]]:
+    """Bundle file name -> (content, mode). agent.env holds the secrets; it is 0600.
+    `coordinator_key`: the public key of the coordinator's signing key (base64)."""
     return {
         "compose.yaml": (compose_yaml(identity.name, site).encode(), PUBLIC_MODE),
-        "agent.env": (agent_env(identity, site).encode(), SECRET_MODE),
+        "agent.env": (agent_env(identity, site, coordinator_key).encode(), SECRET_MODE),
         "ca.crt": (site.ca_pem, PUBLIC_MODE),  # a CA certificate is public; the container reads it
         "README.md": (readme(identity.name, site).encode(), PUBLIC_MODE),
     }
@@ -112,7 +117,7 @@ def _bind(source: str, target: str) -> dict:
     return {"type": "bind", "source": source, "target": target, "read_only": True}
 
 
-def agent_env(identity: Identity, site: Site) -> str:
+def agent_env(identity: Identity, site: Site, coordinator_key: str) -> str:
     """The agent's FSL_ environment. Compose reads this file on the host; keep it 0600.
 
     FSL_MQTT_* are the names the coordinator's pod uses for its own broker login (k8s/).
@@ -125,7 +130,8 @@ def agent_env(identity: Identity, site: Site) -> str:
         f"FSL_MQTT_USERNAME={identity.name}",
         f"FSL_MQTT_PASSWORD={identity.password}",
         f"FSL_MQTT_CA_FILE={CA_PATH}",
-        f"FSL_NODE_KEY={identity.node_key}",
+        f"{auth.NODE_KEY_ENV}={identity.node_key}",
+        f"{auth.COORDINATOR_PUBKEY_ENV}={coordinator_key}",
         f"FSL_MODELS_DIR={MODELS_DIR}",
     ]
     return "\n".join(lines) + "\n"
@@ -153,8 +159,9 @@ shows what it does. Its state and activation cache live in the Docker volume `st
 resumes after a restart. The GPU is reserved through the NVIDIA Container Toolkit; on a machine
 without one, delete the `deploy:` section of `compose.yaml` and it runs on the CPU.
 
-`agent.env` holds this node's broker password and message key: keep it readable by its owner
-only, never commit it or copy it elsewhere. If it leaks, ask the federation's operator to run
+`agent.env` holds this node's broker password and message key, and the coordinator's public
+key the agent checks every instruction against: keep it readable by its owner only, never
+commit it or copy it elsewhere. If it leaks, ask the federation's operator to run
 `fsl-edge revoke {name}` and to enroll this site under a new name.
 """
 
@@ -167,7 +174,7 @@ def enroll_site(store: NodeStore, name: str, site: Site, out: Path) -> Identity:
         raise ConfigError(f"{out} already exists and is not an empty folder: choose another --out")
     old = store.load()
     new, identity = plan_enroll(old, name)
-    staged = _stage(render(identity, site), out)
+    staged = _stage(render(identity, site, coordinator_key(store)), out)
     saved = False
     try:
         store.save(old, new)
@@ -182,6 +189,33 @@ def enroll_site(store: NodeStore, name: str, site: Site, out: Path) -> Identity:
                 store.save(new, old)
         raise
     return identity
+
+
+def coordinator_key(store: NodeStore) -> str:
+    """The public key of the coordinator's signing key, which the site checks its messages with.
+
+    In a cluster, from the Secret `fsl-edge deploy` made; in a local store, from the key file the
+    first enroll makes there (the coordinator reads it through FSL_NODE_KEYS_DIR=<the folder>)."""
+    if isinstance(store, KubeStore):
+        data = store.client.read_secret(store.namespace, COORDINATOR_SIGNING_SECRET) or {}
+        key = data.get(SIGNING_PUBLIC_KEY, b"").decode(errors="replace").strip()
+        if not key:
+            raise ConfigError(f"no coordinator signing key in {store.where} (Secret "
+                              f"{COORDINATOR_SIGNING_SECRET}): deploy the coordinator there first "
+                              "(fsl-edge deploy)")
+        auth.public_key(key, f"the public key in Secret {COORDINATOR_SIGNING_SECRET}")
+        return key
+    if isinstance(store, LocalStore):
+        path = store.folder / auth.SIGNING_KEY_FILE
+        try:
+            if not path.is_file():
+                store.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+                write_atomic(path, auth.new_signing_key() + "\n")  # 0600, like the store's files
+            return auth.public_key_of(path.read_text())
+        except OSError as e:
+            raise ConfigError(f"cannot make or read the coordinator's signing key {path}: "
+                              f"{e.strerror}") from e
+    raise ConfigError(f"{type(store).__name__} has no coordinator signing key")
 
 
 def _stage(files: dict[str, tuple[bytes, int]], out: Path) -> Path:

@@ -28,8 +28,9 @@ SITES = ("circulatory", "neoplasms")
 def federation(tmp_path: Path, broker_url: str, sites=SITES, rounds: int = 2, steps: int = 3,
                mode: SplitMode = SplitMode.U_SHAPE, min_agents: int | None = None,
                run_id: str = "test", compression: str = "lossless", per_site: int = 40,
-               **learning) -> Federation:
-    """`learning`: further LearningSettings fields (prefix, selection)."""
+               signed: bool = True, **learning) -> Federation:
+    """`learning`: further LearningSettings fields (prefix, selection). `signed`: messages are
+    signed and checked (keys made for the run), as `fsl-edge up` does."""
     data = tmp_path / "data"
     if not (data / "manifest.json").exists():
         build_icd10(data, chapters=sites, per_site=per_site, heldout=4)
@@ -41,7 +42,8 @@ def federation(tmp_path: Path, broker_url: str, sites=SITES, rounds: int = 2, st
         model=MODEL, training=training, status_port=0,
         runtime=RuntimeSettings(run_id=run_id, broker=broker_url, heartbeat_s=0.5,
                                 offline_after_s=8.0, resend_s=2.0))
-    fed = prepare(tmp_path / "fed", settings, sorted(sites), data, broker_url, embedded=False)
+    fed = prepare(tmp_path / "fed", settings, sorted(sites), data, broker_url, embedded=False,
+                  signed=signed)
     if min_agents is not None:
         fed.settings = fed.settings.model_copy(update={"min_agents": min_agents})
     return fed
@@ -95,3 +97,13 @@ def assert_matches_simulation(fed: Federation, atol: float = 0.0) -> None:
         for k in mine:
             assert torch.allclose(mine[k], theirs[k], rtol=0, atol=atol), \
                 f"{k}: max diff {(mine[k] - theirs[k]).abs().max().item()}"
+
+
+def assert_on_the_ledger(fed: Federation, rounds: int) -> None:
+    """`fsl-edge audit verify` on the run's checkpoint folder: the chain is whole, it holds
+    `rounds` rounds, and the checkpoints kept match it."""
+    from fsl_edge.audit import verify
+
+    report = verify(fed.checkpoint_dir / "ledger.jsonl", fed.checkpoint_dir)
+    assert report.ok, report.problems
+    assert report.rounds == rounds and report.checkpoints, (report.rounds, report.checkpoints)

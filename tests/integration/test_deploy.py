@@ -82,7 +82,7 @@ def test_deploy_creates_every_object_and_the_secrets(kube, capsys):
         ("networkpolicies", "fsl-default-deny-ingress"), ("networkpolicies", "fsl-broker-ingress"),
         ("networkpolicies", "fsl-coordinator-ingress"), ("secrets", names.BROKER_CA_SECRET),
         ("secrets", names.BROKER_TLS_SECRET), ("secrets", names.BROKER_AUTH_SECRET),
-        ("secrets", names.COORDINATOR_MQTT_SECRET)])
+        ("secrets", names.COORDINATOR_MQTT_SECRET), ("secrets", names.COORDINATOR_SIGNING_SECRET)])
     assert all(ns == NS for (plural, ns, _) in objects if plural != "namespaces")
     for (plural, _, _), obj in objects.items():
         if plural == "secrets":  # what deploy made itself (the rest is checked in unit tests)
@@ -413,4 +413,4 @@ def test_no_wait_returns_once_applied(kube, capsys):
     kube.api.controllers = False  # nothing will ever be ready
     assert deploy_to(kube, "--no-wait") == 0
     err = capsys.readouterr().err
-    assert "applied 15 objects" in err and "the load balancer has no address yet" in err
+    assert "applied 16 objects" in err and "the load balancer has no address yet" in err

@@ -227,6 +227,7 @@ def cli(monkeypatch, tmp_path):
 
 
 def test_enroll_and_revoke_through_the_kubernetes_api_reach_the_broker(kube, cli, tmp_path, capsys):
+    from fsl_edge.auth import new_signing_key, public_key_of
     from fsl_edge.deploy import broker_auth, names
     from fsl_edge.deploy.kube import Cluster
 
@@ -239,6 +240,10 @@ def test_enroll_and_revoke_through_the_kubernetes_api_reach_the_broker(kube, cli
     acl = broker_auth.with_acl("", names.COORDINATOR, list(names.COORDINATOR_ACL_TOPICS))
     cluster.write_secret(ns, names.BROKER_AUTH_SECRET, {names.PASSWD_KEY: passwd.encode(),
                                                         names.ACL_KEY: acl.encode()}, names.LABELS)
+    signing = new_signing_key()  # and the coordinator's message signing key
+    cluster.write_secret(ns, names.COORDINATOR_SIGNING_SECRET, {
+        names.SIGNING_PRIVATE_KEY: signing.encode(),
+        names.SIGNING_PUBLIC_KEY: public_key_of(signing).encode()}, names.LABELS)
     where = ["--kubeconfig", str(kube.kubeconfig), "--namespace", ns]
 
     def broker_files() -> Path:
@@ -263,6 +268,7 @@ def test_enroll_and_revoke_through_the_kubernetes_api_reach_the_broker(kube, cli
                       .read_text().splitlines() if line and not line.startswith("#"))
            for name in ("alice", "bob")}
     assert env["alice"]["FSL_NODE_KEY"].encode() == alice_key
+    assert env["alice"]["FSL_COORDINATOR_PUBKEY"] == public_key_of(signing)
 
     with mosquitto_on(broker_files(), tmp_path) as broker:
         assert not refused(broker, "alice", env["alice"]["FSL_MQTT_PASSWORD"])

@@ -11,7 +11,8 @@ import pytest
 
 from fsl_edge.config import PrefixSettings, SelectionSettings, SplitMode
 
-from .runtime_harness import assert_matches_simulation, federation, finish, in_round, wait_for
+from .runtime_harness import (assert_matches_simulation, assert_on_the_ledger, federation, finish,
+                              in_round, wait_for)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
 
@@ -27,6 +28,7 @@ def test_two_agents_two_rounds_on_mosquitto_equal_the_simulation(tmp_path, mosqu
     assert all(r.participants == sorted(fed.sites) for r in status.history)
     assert status.traffic["activation_up"].messages == 2 * 2 * 3
     assert_matches_simulation(fed)
+    assert_on_the_ledger(fed, rounds=2)
 
 
 def test_a_compressed_run_equals_the_compressed_simulation(tmp_path, mosquitto_server):
@@ -130,6 +132,8 @@ def test_coordinator_killed_mid_round_resumes_from_its_checkpoint(tmp_path, mosq
     assert any("sending them" in log.read_text() for log in (fed.workdir / "logs").glob("agent-*.log"))
     # the agents rewound to the start of round 2 and replayed it: the result is the same
     assert_matches_simulation(fed)
+    # and the ledger holds each round once, the restart recorded, the checkpoints matching
+    assert_on_the_ledger(fed, rounds=3)
 
 
 def test_broker_restarted_mid_run_loses_nothing(tmp_path, mosquitto_factory):

@@ -34,7 +34,9 @@ def activation(run: str, agent: str, hidden: torch.Tensor) -> Envelope:
 
 
 def test_bad_messages_are_counted_dropped_and_the_run_goes_on(tmp_path, mosquitto_server):
-    fed = federation(tmp_path, mosquitto_server.url, rounds=2, steps=15)
+    # unsigned, so that mallory's messages reach the checks under test (with keys they would
+    # stop at authentication: tests/integration/test_auth_runtime.py)
+    fed = federation(tmp_path, mosquitto_server.url, rounds=2, steps=15, signed=False)
     run = fed.settings.runtime.run_id
     seq = itertools.count(1)
 

@@ -20,6 +20,7 @@ import pytest
 import typer
 import yaml
 
+from fsl_edge.auth import SIGNING_KEY_FILE, new_signing_key, public_key_of
 from fsl_edge.deploy import broker_auth
 from fsl_edge.deploy.broker_auth import check_password
 from fsl_edge.enroll import KubeStore, LocalStore, Site, enroll, enroll_site, list_nodes, revoke
@@ -317,10 +318,11 @@ def test_the_bundle_holds_what_the_site_needs_with_secrets_owner_only(tmp_path):
     assert (out / "ca.crt").read_bytes() == CA
     assert "docker compose up -d" in (out / "README.md").read_text()
     env = env_of(out / "agent.env")
+    coordinator_key = public_key_of((store.folder / SIGNING_KEY_FILE).read_text())
     assert env == {"FSL_AGENT_ID": "alice", "FSL_BROKER": "mqtts://broker.example.org:8883",
                    "FSL_MQTT_USERNAME": "alice", "FSL_MQTT_PASSWORD": identity.password,
                    "FSL_MQTT_CA_FILE": "/etc/fsl-edge/ca.crt", "FSL_NODE_KEY": identity.node_key,
-                   "FSL_MODELS_DIR": "/models"}
+                   "FSL_COORDINATOR_PUBKEY": coordinator_key, "FSL_MODELS_DIR": "/models"}
     hashed = next(line for line in store.load().passwd.splitlines() if line.startswith("alice:"))
     assert check_password(hashed.split(":", 1)[1], env["FSL_MQTT_PASSWORD"])
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging left
@@ -444,6 +446,9 @@ def test_cli_against_a_cluster_takes_the_ca_from_its_secret(cli, tmp_path, capsy
 
     cluster = kube_store(tmp_path).client
     cluster.write_secret("fed", BROKER_TLS_SECRET, {"ca.crt": CA, "tls.crt": b"...", "tls.key": b"..."}, {})
+    signing = new_signing_key()  # deploy made it: the bundle names its public half
+    cluster.write_secret("fed", "fsl-coordinator-signing",
+                         {"private": signing.encode(), "public": public_key_of(signing).encode()}, {})
     contexts = []
 
     def connect(context, kubeconfig):  # deploy.kube.Cluster, on this fake API

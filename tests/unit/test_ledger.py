@@ -274,3 +274,4 @@ def test_audit_contributions_prints_tokens_and_rounds_per_node(run, main, capsys
     assert main(["audit", "contributions", str(run)]) == 0
     row = next(line for line in capsys.readouterr().out.splitlines() if "site-b" in line)
     assert row.split()[:4] == ["site-b", "2", "110", "33.3"]
+
