@@ -254,8 +254,10 @@ class RobustSettings(_Strict):
     quarantine_after: int = Field(3, ge=0)
     """Quarantine a node whose updates fail the checks this many rounds in a row (clipped ones
     count: they failed the norm check). 0: never quarantine."""
-    quarantine_rounds: int | None = Field(None, ge=1)
-    """How many rounds a quarantine lasts; None: until an operator lifts it."""
+    quarantine_rounds: int | None = Field(10, ge=1)
+    """How many rounds a quarantine lasts; None: for the rest of the run (no operator command
+    lifts one yet, so the finite default keeps a wrongly quarantined site from being shut out
+    for good)."""
 
 
 class LearningSettings(_Strict):
