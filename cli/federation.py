@@ -39,9 +39,9 @@ _AUTH_ENV = (auth.NODE_KEY_ENV, auth.COORDINATOR_PUBKEY_ENV, auth.NODE_KEYS_DIR_
 class LocalKeys:
     """Every message key of a federation on one machine, made for the run."""
 
-    signing_key: str
+    signing_key: str = field(repr=False)
     """The coordinator's (base64 Ed25519 private key)."""
-    node_keys: dict[str, str]
+    node_keys: dict[str, str] = field(repr=False)
     """Site -> its node key (base64)."""
 
     @classmethod

@@ -72,6 +72,7 @@ class Coordinator:
         # agents that have loaded their model and data: only they are given a place in a round
         # (an agent still loading would hold up the split server's order)
         self.ready: set[str] = set()
+        self.introduced: dict[str, float] = {}  # agent -> when it was last asked to say hello
         self.rejected: Counter[str] = Counter()  # by reason; the link counts what it drops
         self.heard: dict[str, float] = {}  # agent -> monotonic time its last message arrived
         self.round, self.active, self.attempts, self.attempt = 0, False, 0, ""
@@ -172,6 +173,7 @@ class Coordinator:
                 st.state, st.last_seen = "online", time.time()  # back within its grace
             return
         if env.kind is not MessageKind.HELLO and agent not in self.welcomed:
+            self.ask_to_introduce(agent)
             return self.reject("unknown_agent", agent, env.kind.name)
         if env.kind is MessageKind.HELLO and agent not in self.welcomed and \
                 len(self.welcomed) >= self.settings.max_agents:
@@ -192,6 +194,17 @@ class Coordinator:
             reason = "non_finite" if "non-finite" in str(e) else \
                 "bad_shape" if ("shape" in str(e) or "dtype" in str(e)) else "malformed"
             self.reject(reason, agent, str(e))
+
+    def ask_to_introduce(self, agent: str) -> None:
+        """An agent this coordinator has not welcomed (it restarted, and its broadcast HELLO was
+        lost) would re-send its last upload for ever: ask it, at most every few seconds."""
+        now = time.monotonic()
+        if now - self.introduced.get(agent, -1e9) < 5.0:
+            return
+        self.introduced[agent] = now
+        self.link.publish(protocol.topic_down(self.run_id, agent),
+                          Envelope(MessageKind.HELLO, self.run_id, ME, self.round,
+                                   meta={"incarnation": self.incarnation, "introduce": True}))
 
     def reject(self, reason: str, agent: str | None, detail: str) -> None:
         self.rejected[reason] += 1
@@ -261,7 +274,19 @@ class Coordinator:
             self.reject("malformed", agent, f"adapter delta against copy "
                         f"{env.meta.get('version')!r}, this round's is {self.version!r}")
             return self.instruct(agent, full=True)  # it trained from another copy: redo it
-        state = adapter_state(env, self.site_adapter, protocol.Limits().max_tensor_bytes)
+        try:
+            state = adapter_state(env, self.site_adapter, protocol.Limits().max_tensor_bytes)
+        except ProtocolError as e:
+            if "non-finite" not in str(e):
+                raise
+            # a diverged site: the round goes on without it, the strike counts towards a
+            # quarantine, and the ledger says why (it would re-send the same update for ever)
+            self.reject("non_finite", agent, str(e))
+            self.ledger.append_rejected(self.round, agent, "non-finite update")
+            for newly in self.quarantine.record(self.round, {agent: True}):
+                log.warning("%s is quarantined: its updates failed the checks", newly)
+            self.members.discard(agent)
+            return
         tokens = meta_number(env.meta, "tokens", int, minimum=1)
         loss = meta_number(env.meta, "loss", float)
         layers, cache = reported_layers(env.meta), reported_cache(env.meta)
@@ -302,7 +327,11 @@ class Coordinator:
             log.info("%s is released from quarantine", agent)
         excluded = self.quarantine.excluded(self.round + 1)
         for agent in excluded & set(self.status.agents):
-            self.status.agents[agent].state = "quarantined"
+            if self.status.agents[agent].state == "online":
+                self.status.agents[agent].state = "quarantined"
+        # a quarantined site cannot count towards the agents a round waits for: its term runs
+        # in rounds, so waiting for it would wait for ever
+        need = max(1, min(need, len(set(self.status.agents) - excluded)))
         agents = [a for a in self.online() if a not in excluded]
         if len(agents) < need:
             return

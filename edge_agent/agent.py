@@ -85,7 +85,8 @@ class Agent:
                 continue
             if got.kind is MessageKind.ROUND_START and got.meta.get("attempt") == self.attempt:
                 continue  # a repeat of the round being (or just) trained
-            if got.kind is MessageKind.HELLO and received.topic.channel == "broadcast":
+            if got.kind is MessageKind.HELLO and (received.topic.channel == "broadcast"
+                                                  or got.meta.get("introduce") is True):
                 self.send(self.hello())  # a (re)started coordinator: introduce ourselves again
             elif got.kind in answers and (round_ is None or got.round == round_) \
                     and (step is None or got.step == step):

@@ -25,7 +25,6 @@ allocated on a sender's word.
 
 from __future__ import annotations
 
-import itertools
 import json
 import re
 import struct
@@ -420,10 +419,18 @@ class SequenceCounter:
     """
 
     def __init__(self, start: int | None = None):
-        self._count = itertools.count(time.time_ns() // 1000 if start is None else start)
+        self._last = (time.time_ns() // 1000 if start is None else start) - 1
+        self._follow_clock = start is None
+        self._lock = threading.Lock()
 
     def next(self) -> int:
-        return next(self._count)  # itertools.count is atomic under the GIL: safe across threads
+        # never below the clock: a sender started before its clock was set (an edge device
+        # without a hardware clock) catches up once NTP has set it, instead of staying below
+        # what a receiver saw from its previous run
+        with self._lock:
+            now = time.time_ns() // 1000 if self._follow_clock else 0
+            self._last = max(self._last + 1, now)
+            return self._last
 
 
 class DuplicateFilter:

@@ -82,6 +82,12 @@ def test_forged_replayed_tampered_and_unsigned_messages_are_counted_and_the_run_
             # (g) mallory while enrolled (authentic, but no agent of the run: unknown_agent), then
             # revoked as `fsl-edge revoke --local` would, and the coordinator re-reads its keys
             send(up, encode_envelope(heartbeat(sender="mallory"), mallory, up))
+
+            def refused_mallory():  # before the revocation, or they would count as unknown_node
+                s = fed.status()
+                return s is not None and s.rejected.get(auth.WRONG_RUN, 0) >= 1 and \
+                    s.rejected.get("unknown_agent", 0) >= 1
+            wait_for(refused_mallory, 20, "the coordinator to refuse mallory's messages", fed)
             revoked = dataclasses.replace(fed.keys, node_keys={
                 k: v for k, v in fed.keys.node_keys.items() if k != "mallory"})
             revoked.coordinator_env(fed.workdir / "keys")

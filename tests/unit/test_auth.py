@@ -221,11 +221,12 @@ def test_a_revoke_in_a_local_store_shuts_the_node_out(tmp_path):
 def test_node_keys_are_reread_on_an_unknown_sender_at_most_once_a_second(tmp_path, keys, monkeypatch):
     folder = tmp_path / "keys"
     folder.mkdir()
+    clock = [auth.time.monotonic()]
+    monkeypatch.setattr(auth.time, "monotonic", lambda: clock[0])  # no real time passes
     node_keys = NodeKeys(folder)  # reload_s 5: only the unknown-sender rule applies here
     (folder / "alice").write_text(keys["alice"])
     assert node_keys.get("alice") is None  # read less than a second ago
-    clock = [auth.time.monotonic() + 1.5]
-    monkeypatch.setattr(auth.time, "monotonic", lambda: clock[0])
+    clock[0] += 1.5
     assert node_keys.get("alice") is not None  # enrolled meanwhile: let in without a restart
 
 

@@ -278,3 +278,19 @@ def test_sequence_counter_survives_a_restart():
     time.sleep(0.001)  # numbers are clock microseconds: 100 of them are used up within 100 us
     assert SequenceCounter().next() > max(used)
     assert SequenceCounter(start=5).next() == 5
+
+
+def test_sequence_numbers_catch_up_with_a_clock_set_late(monkeypatch):
+    """A sender started before NTP set its clock must not stay below its previous run's numbers."""
+    from fsl_edge import protocol as p
+
+    now = [1_000_000_000]  # ns: a clock far behind
+    monkeypatch.setattr(p.time, "time_ns", lambda: now[0])
+    counter = p.SequenceCounter()
+    first = counter.next()
+    now[0] = 1_800_000_000_000_000_000  # NTP has set it
+    later = counter.next()
+    assert later == now[0] // 1000 and later > first
+    assert counter.next() == later + 1  # and strictly increasing within a microsecond
+    fixed = p.SequenceCounter(start=5)
+    assert [fixed.next(), fixed.next()] == [5, 6]  # an explicit start ignores the clock
