@@ -219,7 +219,7 @@ class PrefixSettings(_Strict):
     backend: str = "auto"
     """What computes the frozen prefix: torch; onnxruntime (exported once per prefix, next to
     the cache; its CUDA provider when there is a GPU); or auto: onnxruntime on a CPU, where
-    bench/cache.py measured it 1.8x faster than eager torch, torch on a GPU, where the ONNX
+    bench/cache.py measured it faster than eager torch (BENCHMARKS.md), torch on a GPU, where the ONNX
     Runtime path is not measured yet. Part of the prefix fingerprint."""
 
     @field_validator("backend")

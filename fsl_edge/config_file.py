@@ -29,18 +29,22 @@ def settings_error(e: ValidationError, where: str = "") -> ConfigError:
     return ConfigError(f"invalid settings{where}: {problems}")
 
 
+def read_mapping(path: Path, what: str = "config file") -> dict:
+    """A YAML file holding a mapping of settings, or a one-line ConfigError naming the fault."""
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as e:
+        raise ConfigError(f"cannot read the {what} {path}: {e.strerror}") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of settings, not {type(data).__name__}")
+    return data
+
+
 def load_settings(model: type[T], path: Path | None, overrides: dict) -> T:
     """Read `path` (YAML mapping, optional), apply the non-None `overrides`, validate."""
-    data: dict = {}
-    if path is not None:
-        try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except OSError as e:
-            raise ConfigError(f"cannot read the config file {path}: {e.strerror}") from e
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path} is not valid YAML: {e}") from e
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path} must hold a mapping of settings, not {type(data).__name__}")
+    data = read_mapping(path) if path is not None else {}
     try:
         return model.model_validate(_merge(data, overrides))
     except ValidationError as e:

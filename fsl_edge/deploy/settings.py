@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_settings import BaseSettings, InitSettingsSource, SettingsConfigDict, SettingsError
 
 from fsl_edge.config import LearningSettings, RuntimeSettings
-from fsl_edge.config_file import settings_error
+from fsl_edge.config_file import read_mapping, settings_error
 from fsl_edge.errors import ConfigError
 
 from . import names
@@ -164,7 +164,7 @@ class DeploySettings(BaseSettings):
 
 def load_deploy_settings(path: Path | None, overrides: dict[str, Any] | None = None) -> DeploySettings:
     """Read `path` (optional), apply `FSL_` environment variables, then the non-None `overrides`."""
-    file_data = _read_yaml(path) if path is not None else {}
+    file_data = read_mapping(path, "deployment config") if path is not None else {}
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
 
     class _FromFile(DeploySettings):
@@ -181,16 +181,3 @@ def load_deploy_settings(path: Path | None, overrides: dict[str, Any] | None = N
         raise ConfigError(f"invalid deployment settings in the environment: {e}") from e
     return DeploySettings.model_construct(**dict(loaded))
 
-
-def _read_yaml(path: Path) -> dict:
-    import yaml
-
-    try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except OSError as e:
-        raise ConfigError(f"cannot read the deployment config {path}: {e.strerror}") from e
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from e
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a mapping of settings, not {type(data).__name__}")
-    return data

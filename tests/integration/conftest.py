@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from .brokers import BrokerProcess, amqtt_broker, mosquitto_broker
+from .kube_emulator import kube  # noqa: F401 - the Kubernetes API emulator, for every test here
 
 
 @pytest.fixture

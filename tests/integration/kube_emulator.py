@@ -48,6 +48,7 @@ import copy
 import datetime as dt
 import itertools
 import json
+import os
 import re
 import threading
 import uuid
@@ -289,6 +290,14 @@ def emulated_cluster(folder: Path):
         yield cluster
     finally:
         cluster.stop()
+
+
+def isolate_from_machine(tmp_path: Path, monkeypatch) -> None:
+    """No FSL_ variables, KUBECONFIG or ~/.kube/config of the machine leak into a test."""
+    for var in list(os.environ):
+        if var.startswith("FSL_") or var == "KUBECONFIG":
+            monkeypatch.delenv(var)
+    monkeypatch.setenv("HOME", str(tmp_path))
 
 
 @pytest.fixture

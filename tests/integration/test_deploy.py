@@ -24,24 +24,14 @@ from fsl_edge.deploy import broker_auth, names, pki
 from fsl_edge.deploy.kube import Cluster
 from fsl_edge.errors import TemporaryError
 
-from .kube_emulator import emulated_cluster
+from .kube_emulator import isolate_from_machine
 
 NS = "fed"
 
 
-@pytest.fixture
-def kube(tmp_path):
-    with emulated_cluster(tmp_path) as cluster:
-        yield cluster
-
-
 @pytest.fixture(autouse=True)
 def isolated(tmp_path, monkeypatch):
-    """No FSL_ variables, KUBECONFIG or ~/.kube/config of the machine leak in."""
-    for var in list(os.environ):
-        if var.startswith("FSL_") or var == "KUBECONFIG":
-            monkeypatch.delenv(var)
-    monkeypatch.setenv("HOME", str(tmp_path))
+    isolate_from_machine(tmp_path, monkeypatch)
     monkeypatch.delenv("COLUMNS", raising=False)
     monkeypatch.chdir(tmp_path)
 

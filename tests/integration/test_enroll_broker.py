@@ -30,7 +30,6 @@ from fsl_edge import protocol
 from fsl_edge.broker import BrokerProcess, find_mosquitto, free_port
 from fsl_edge.enroll import LocalStore, enroll, revoke
 
-from .kube_emulator import kube  # noqa: F401 (the fixture: a Kubernetes API emulator over HTTP)
 
 pytestmark = pytest.mark.integration
 RUN = "trial"

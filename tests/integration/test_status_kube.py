@@ -7,7 +7,6 @@ stands in for the coordinator's pod; the Service is the one k8s/ deploys.
 
 from __future__ import annotations
 
-import os
 import threading
 import types
 from collections.abc import Iterator
@@ -26,7 +25,7 @@ from fsl_edge.deploy.kube import Cluster
 from fsl_edge.errors import ConfigError, ProtocolError, TransportError
 from fsl_edge.status import Status
 
-from .kube_emulator import emulated_cluster
+from .kube_emulator import isolate_from_machine
 from .test_status_http import ODD_AGENT, Controls, _NotAStatus
 
 pytestmark = pytest.mark.integration
@@ -37,18 +36,8 @@ SERVICE = Path(__file__).parents[2] / "k8s" / "base" / "coordinator-service.yaml
 
 @pytest.fixture(autouse=True)
 def isolated(tmp_path, monkeypatch):
-    """No FSL_ variables, KUBECONFIG or ~/.kube/config of the machine leak in."""
-    for var in list(os.environ):
-        if var.startswith("FSL_") or var == "KUBECONFIG":
-            monkeypatch.delenv(var)
-    monkeypatch.setenv("HOME", str(tmp_path))
+    isolate_from_machine(tmp_path, monkeypatch)
     monkeypatch.setenv("COLUMNS", "80")
-
-
-@pytest.fixture
-def kube(tmp_path):
-    with emulated_cluster(tmp_path) as cluster:
-        yield cluster
 
 
 @pytest.fixture
