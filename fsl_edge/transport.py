@@ -47,32 +47,32 @@ def parse_broker_url(url: str) -> tuple[str, int]:
 class BrokerLogin:
     """Who this process is to the broker, and which CA vouches for the broker (mqtts://).
 
-    Read from the environment (FSL_MQTT_USERNAME, FSL_MQTT_PASSWORD, FSL_MQTT_CA_FILE: what the
-    coordinator's pod and a site's agent.env set), so no secret sits in a config file or a
-    settings dump."""
+    Read from the environment (FSL_MQTT_USERNAME, FSL_MQTT_PASSWORD, FSL_MQTT_CA_FILE, and for
+    mutual TLS FSL_MQTT_CERT_FILE and FSL_MQTT_KEY_FILE: what the coordinator's pod and a site's
+    agent.env set), so no secret sits in a config file or a settings dump."""
 
     username: str | None = None
     password: str | None = field(default=None, repr=False)
     ca_file: str | None = None
+    cert_file: str | None = None
+    """This client's certificate (PEM), for a broker that requires one (mTLS)."""
+    key_file: str | None = None
+    """Its private key (PEM, unencrypted)."""
 
     @classmethod
     def from_env(cls, environ=None) -> BrokerLogin:
         env = os.environ if environ is None else environ
-        login = cls(env.get("FSL_MQTT_USERNAME") or None, env.get("FSL_MQTT_PASSWORD") or None,
-                    env.get("FSL_MQTT_CA_FILE") or None)
+        login = cls(*(env.get(f"FSL_MQTT_{k}") or None
+                      for k in ("USERNAME", "PASSWORD", "CA_FILE", "CERT_FILE", "KEY_FILE")))
         if login.password and not login.username:
             raise ConfigError("FSL_MQTT_PASSWORD is set but FSL_MQTT_USERNAME is not")
-        if login.ca_file and not os.path.isfile(login.ca_file):
-            raise ConfigError(f"FSL_MQTT_CA_FILE {login.ca_file} is not a file")
+        if bool(login.cert_file) != bool(login.key_file):
+            raise ConfigError("FSL_MQTT_CERT_FILE and FSL_MQTT_KEY_FILE go together: set both or neither")
+        for var, path in (("CA_FILE", login.ca_file), ("CERT_FILE", login.cert_file),
+                          ("KEY_FILE", login.key_file)):
+            if path and not os.path.isfile(path):
+                raise ConfigError(f"FSL_MQTT_{var} {path} is not a file")
         return login
-
-
-@dataclass
-class Received:
-    topic: protocol.Topic
-    envelope: protocol.Envelope
-    size: int  # bytes of the whole (reassembled) envelope
-    received_at: float = field(default_factory=time.monotonic)  # in paho's thread, on arrival
 
 
 class MqttLink:
@@ -107,8 +107,15 @@ class MqttLink:
         self.client.reconnect_delay_set(min_delay=0.2, max_delay=5)
         if url.startswith("mqtts://"):
             # the broker's certificate must chain to the CA (the system's when none is given)
-            # and name the host we dialled
-            self.client.tls_set(ca_certs=login.ca_file)
+            # and name the host we dialled; ours goes with it when the broker asks (mTLS)
+            try:
+                self.client.tls_set(ca_certs=login.ca_file, certfile=login.cert_file,
+                                    keyfile=login.key_file)
+            except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
+                raise ConfigError(f"cannot load the TLS files for {url}: {e}") from e
+        elif login.cert_file:
+            raise ConfigError(f"a client certificate (FSL_MQTT_CERT_FILE) needs TLS: the broker "
+                              f"URL {url} is not mqtts://")
         if login.username:
             self.client.username_pw_set(login.username, login.password)
         self.client.max_queued_messages_set(0)

@@ -54,7 +54,8 @@ def deploy(settings: DeploySettings, *, dry_run: bool = False, output: Path | No
         result.server_version = cluster.server_version()
         _check_immutable(cluster, settings, objects)
         broker_names = pki.broker_names(ns, names.BROKER, settings.expose.host)
-        plan = plan_secrets(lambda name: cluster.get_secret(ns, name), ns, broker_names)
+        plan = plan_secrets(lambda name: cluster.get_secret(ns, name), ns, broker_names,
+                            settings.client_certificates)
         result.notes += plan.notes
 
         namespace = [o for o in objects if o["kind"] == "Namespace"]

@@ -39,6 +39,11 @@ COORDINATOR_SIGNING_SECRET = "fsl-coordinator-signing"
 and `public` (what enroll writes into each site's agent.env); created once, never regenerated."""
 SIGNING_PRIVATE_KEY = "private"
 SIGNING_PUBLIC_KEY = "public"
+COORDINATOR_CLIENT_TLS_SECRET = "fsl-coordinator-client-tls"
+"""kubernetes.io/tls: the coordinator's client certificate from the broker CA, for mutual TLS
+(deployment config `client_certificates`); issued by deploy, re-issued before it expires."""
+CLIENT_TLS_DIR = "/etc/fsl-edge/client-tls"
+"""Where the coordinator sees that Secret (FSL_MQTT_CERT_FILE, FSL_MQTT_KEY_FILE)."""
 CA_FILE = "/etc/fsl-edge/tls/ca.crt"
 """Where the coordinator sees the broker's CA (FSL_MQTT_CA_FILE)."""
 

@@ -1,8 +1,10 @@
-"""The broker's certificate authority and server certificate, made with `cryptography`.
+"""The broker's certificate authority, server and client certificates, made with `cryptography`.
 
 The CA is made once per namespace and kept (Secret fsl-broker-ca): every site bundle trusts it,
 so regenerating it would re-provision every site. The server certificate is re-issued from the
-same CA when the names sites use change or it nears expiry; sites notice nothing.
+same CA when the names sites use change or it nears expiry; sites notice nothing. With mutual
+TLS (`client_certificates` in the deployment config) the same CA issues each client's
+certificate: the coordinator's at deploy, a site's at enroll.
 """
 
 from __future__ import annotations
@@ -17,8 +19,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fsl_edge.errors import ConfigError
+
 CA_DAYS = 3650
 SERVER_DAYS = 825
+CLIENT_DAYS = 825
 RENEW_BEFORE = dt.timedelta(days=30)
 """A server certificate this close to expiry is re-issued by the next deploy."""
 
@@ -62,28 +67,60 @@ def new_ca(namespace: str) -> KeyPair:
 
 def issue_server(ca: KeyPair, names: list[str]) -> KeyPair:
     """A server certificate for `names` (DNS names or IP addresses), signed by `ca`."""
+    return _issue(ca, names[0], ExtendedKeyUsageOID.SERVER_AUTH, SERVER_DAYS,
+                  x509.SubjectAlternativeName([_general_name(n) for n in names]))
+
+
+def issue_client(ca: KeyPair, name: str) -> KeyPair:
+    """A client certificate for node `name` (its CN), signed by `ca`: what mTLS asks of a client
+    besides its password. Mosquitto checks only that it chains to the CA; the password still
+    names the node, so a revoked node's certificate alone gets it nowhere."""
+    return _issue(ca, name, ExtendedKeyUsageOID.CLIENT_AUTH, CLIENT_DAYS)
+
+
+def _issue(ca: KeyPair, common_name: str, usage: x509.ObjectIdentifier, days: int,
+           san: x509.SubjectAlternativeName | None = None) -> KeyPair:
     ca_cert = x509.load_pem_x509_certificate(ca.cert)
     ca_key = serialization.load_pem_private_key(ca.key, password=None)
     key = ec.generate_private_key(ec.SECP256R1())
     now = _now()
-    cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
-            .issuer_name(ca_cert.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=SERVER_DAYS))
-            .add_extension(x509.SubjectAlternativeName([_general_name(n) for n in names]), critical=False)
+    builder = (x509.CertificateBuilder()
+               .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+               .issuer_name(ca_cert.subject)
+               .public_key(key.public_key())
+               .serial_number(x509.random_serial_number())
+               .not_valid_before(now - dt.timedelta(minutes=5))
+               .not_valid_after(now + dt.timedelta(days=days)))
+    if san is not None:
+        builder = builder.add_extension(san, critical=False)
+    cert = (builder
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=False, crl_sign=False,
                                          content_commitment=False, key_encipherment=False,
                                          data_encipherment=False, key_agreement=False,
                                          encipher_only=False, decipher_only=False), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
                            critical=False)
             .sign(ca_key, hashes.SHA256()))
     return KeyPair(_cert_pem(cert), _key_pem(key))
+
+
+def check_ca_pair(ca: KeyPair, where: str) -> None:
+    """ConfigError unless `ca` is a CA certificate with its own private key (before signing)."""
+    try:
+        cert = x509.load_pem_x509_certificate(ca.cert)
+        key = serialization.load_pem_private_key(ca.key, password=None)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{where} is not a PEM certificate and unencrypted PEM key: {e}") from e
+    if cert.public_key().public_numbers() != key.public_key().public_numbers():
+        raise ConfigError(f"{where}: the key is not the certificate's")
+    try:
+        constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        constraints = None
+    if constraints is None or not constraints.ca:
+        raise ConfigError(f"{where}: the certificate is not a CA (no basicConstraints CA:TRUE)")
 
 
 def needs_reissue(cert_pem: bytes, ca_pem: bytes, names: list[str]) -> str | None:

@@ -2,8 +2,8 @@
 
 k8s/ stays the one copy of the manifests. Rendering writes a kustomization into a temporary
 folder that references the base's overlay and components and sets only what the config
-decides (namespace, images, the coordinator's config file, GPUs, storage, node port), then
-runs kustomize on it. No cluster is contacted.
+decides (namespace, images, the coordinator's and the broker's config files, GPUs, storage,
+node port, mutual TLS), then runs kustomize on it. No cluster is contacted.
 """
 
 from __future__ import annotations
@@ -84,6 +84,11 @@ def kustomization(s: DeploySettings, root: Path, workdir: Path) -> dict:
         patches.append({"target": {"kind": "Service", "name": names.BROKER},
                         "patch": yaml.safe_dump([{"op": "add", "path": "/spec/ports/0/nodePort",
                                                   "value": s.expose.node_port}])})
+    generated = [{"name": "fsl-coordinator-config", "behavior": "replace", "files": ["coordinator.yaml"]}]
+    if s.client_certificates:
+        patches.append({"target": sts, "patch": yaml.safe_dump(client_tls_ops())})
+        generated.append({"name": "fsl-broker-config", "behavior": "replace",
+                          "files": ["mosquitto.conf"]})
     components = [] if s.expose.mode is Exposure.NONE else [rel("components", f"expose-{s.expose.mode.value}")]
     return {
         "apiVersion": "kustomize.config.k8s.io/v1beta1",
@@ -93,10 +98,37 @@ def kustomization(s: DeploySettings, root: Path, workdir: Path) -> dict:
         "namespace": s.namespace,
         "images": [_image(BASE_IMAGES["coordinator"], s.images.coordinator),
                    _image(BASE_IMAGES["broker"], s.images.broker)],
-        "configMapGenerator": [{"name": "fsl-coordinator-config", "behavior": "replace",
-                                "files": ["coordinator.yaml"]}],
+        "configMapGenerator": generated,
         "patches": patches,
     }
+
+
+def broker_conf(root: Path, client_certificates: bool) -> str:
+    """k8s/'s mosquitto.conf; with mutual TLS, its TLS listener also demands a client
+    certificate from the broker CA (`cafile`), besides the password it always demands."""
+    text = (root / "base" / "config" / "mosquitto.conf").read_text()
+    if not client_certificates:
+        return text
+    anchor = "\ntls_version "
+    if anchor not in text:  # the listener's TLS block is where require_certificate belongs
+        raise ConfigError(f"k8s/base/config/mosquitto.conf has no `tls_version` line to put "
+                          "`require_certificate true` after")
+    at = text.index("\n", text.index(anchor) + 1)
+    return (text[:at] + "\n# mutual TLS (`client_certificates`): a client shows a certificate "
+            "from the CA too\nrequire_certificate true" + text[at:])
+
+
+def client_tls_ops() -> list[dict]:
+    """JSON-patch ops giving the coordinator its client certificate (mutual TLS)."""
+    spec = "/spec/template/spec"
+    env = [{"name": "FSL_MQTT_CERT_FILE", "value": f"{names.CLIENT_TLS_DIR}/tls.crt"},
+           {"name": "FSL_MQTT_KEY_FILE", "value": f"{names.CLIENT_TLS_DIR}/tls.key"}]
+    return [*({"op": "add", "path": f"{spec}/containers/0/env/-", "value": e} for e in env),
+            {"op": "add", "path": f"{spec}/containers/0/volumeMounts/-",
+             "value": {"name": "client-tls", "mountPath": names.CLIENT_TLS_DIR, "readOnly": True}},
+            {"op": "add", "path": f"{spec}/volumes/-", "value": {
+                "name": "client-tls",
+                "secret": {"secretName": names.COORDINATOR_CLIENT_TLS_SECRET, "defaultMode": 0o440}}}]
 
 
 def render(s: DeploySettings) -> list[dict]:
@@ -105,6 +137,7 @@ def render(s: DeploySettings) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="fsl-edge-deploy-") as tmp:
         workdir = Path(tmp)
         (workdir / "coordinator.yaml").write_text(coordinator_yaml(s))
+        (workdir / "mosquitto.conf").write_text(broker_conf(root, s.client_certificates))
         (workdir / "kustomization.yaml").write_text(yaml.safe_dump(kustomization(s, root, workdir)))
         out = kustomize(workdir)
     return [doc for doc in yaml.safe_load_all(out) if doc]

@@ -4,6 +4,8 @@
 - fsl-broker-tls: the broker's certificate from that CA; re-issued only when the names sites use
   change or it nears expiry. One the user brought (no fsl-edge labels) is never touched.
 - fsl-coordinator-mqtt: the coordinator's broker username and password, made once.
+- fsl-coordinator-client-tls: with mutual TLS only, the coordinator's client certificate from
+  the CA; re-issued when it nears expiry or the CA is another.
 - fsl-coordinator-signing: the coordinator's Ed25519 message-signing key, made once and never
   regenerated (every site's bundle holds its public half).
 - fsl-broker-auth: the coordinator's entries are added to the password file and ACL (or
@@ -42,10 +44,13 @@ def managed(secret: StoredSecret | None) -> bool:
 
 
 def plan_secrets(read: Callable[[str], StoredSecret | None], namespace: str,
-                 broker_names: list[str]) -> SecretPlan:
-    """Decide every Secret write; `read(name)` gives a Secret of the namespace or None."""
+                 broker_names: list[str], client_certificates: bool = False) -> SecretPlan:
+    """Decide every Secret write; `read(name)` gives a Secret of the namespace or None.
+    `client_certificates`: mutual TLS, so the coordinator needs a client certificate too."""
     plan = SecretPlan()
     _plan_tls(plan, read, namespace, broker_names)
+    if client_certificates:
+        _plan_client_tls(plan, read, namespace)
     password = _plan_coordinator(plan, read, namespace)
     _plan_auth(plan, read, namespace, password)
     _plan_signing(plan, read, namespace)
@@ -93,6 +98,25 @@ def _plan_tls(plan: SecretPlan, read, namespace: str, broker_names: list[str]) -
     if reason:
         plan.writes.append(server_certificate(plan.ca, namespace, broker_names))
         plan.notes.append(f"issued the broker certificate for {', '.join(broker_names)} ({reason})")
+
+
+def _plan_client_tls(plan: SecretPlan, read, namespace: str) -> None:
+    if plan.ca is None:
+        raise ConfigError(f"client_certificates needs the broker CA that fsl-edge manages: Secret "
+                          f"{names.BROKER_TLS_SECRET} was brought without it, so nothing here can "
+                          "issue client certificates (turn client_certificates off, or let deploy "
+                          "make the broker's certificate)")
+    stored = read(names.COORDINATOR_CLIENT_TLS_SECRET)
+    if stored is None or "tls.crt" not in stored.data or "tls.key" not in stored.data:
+        reason = "none yet"
+    else:
+        reason = pki.needs_reissue(stored.data["tls.crt"], plan.ca.cert, [])
+    if reason:
+        client = pki.issue_client(plan.ca, names.COORDINATOR)
+        plan.writes.append(secret_manifest(namespace, names.COORDINATOR_CLIENT_TLS_SECRET,
+                                           {"tls.crt": client.cert, "tls.key": client.key},
+                                           names.LABELS, TLS_TYPE))
+        plan.notes.append(f"issued the coordinator's client certificate for mutual TLS ({reason})")
 
 
 def _plan_coordinator(plan: SecretPlan, read, namespace: str) -> str:

@@ -129,6 +129,10 @@ class DeploySettings(BaseSettings):
     storage: Storage = Field(default_factory=Storage)
     expose: Expose = Field(default_factory=Expose)
     """The broker's way out of the cluster. (Not `broker`: FSL_BROKER is the agent's URL.)"""
+    client_certificates: bool = False
+    """Mutual TLS: the broker admits only clients that also show a certificate from its CA
+    (`fsl-edge enroll --client-cert` issues a site's; deploy issues the coordinator's). The
+    password still names the node, so revoking it locks the node out with or without one."""
     model: str = "smollm2"
     """The base model, as `fsl-edge models` names it; every site must hold the same one."""
     training: LearningSettings = Field(default_factory=LearningSettings)

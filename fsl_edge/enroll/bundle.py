@@ -1,4 +1,5 @@
-"""The site bundle `fsl-edge enroll` writes: compose.yaml, agent.env, ca.crt and a README.
+"""The site bundle `fsl-edge enroll` writes: compose.yaml, agent.env, ca.crt and a README (and
+with mutual TLS the node's client.crt and client.key).
 
 The bundle is staged in a hidden sibling folder and renamed into place only after the store has
 saved the identity, so a failed enroll leaves neither a bundle nor an identity behind. agent.env
@@ -20,6 +21,7 @@ import yaml
 
 from fsl_edge import auth
 from fsl_edge.atomic import write_atomic
+from fsl_edge.deploy import pki
 from fsl_edge.deploy.names import COORDINATOR_SIGNING_SECRET, SIGNING_PUBLIC_KEY
 from fsl_edge.errors import ConfigError, ProtocolError
 
@@ -29,6 +31,7 @@ from .store import KubeStore, LocalStore, NodeStore
 SECRET_MODE, PUBLIC_MODE = 0o600, 0o644
 # Where things are inside the agent container (docker/Dockerfile.agent creates them).
 CA_PATH, DATA_DIR, MODELS_DIR, STATE_DIR = "/etc/fsl-edge/ca.crt", "/data", "/models", "/state"
+CERT_PATH, KEY_PATH = "/etc/fsl-edge/client.crt", "/etc/fsl-edge/client.key"  # mutual TLS only
 DATA_FILE = "train.jsonl"
 AGENT_UID = 10001  # the image's non-root user, which must be able to read the site's data
 
@@ -81,18 +84,24 @@ def broker_address(address: str) -> tuple[str, int]:
     return host, port
 
 
-def render(identity: Identity, site: Site, coordinator_key: str) -> dict[str, tuple[bytes, int]]:
-    """Bundle file name -> (content, mode). agent.env holds the secrets; it is 0600.
-    `coordinator_key`: the public key of the coordinator's signing key (base64)."""
-    return {
-        "compose.yaml": (compose_yaml(identity.name, site).encode(), PUBLIC_MODE),
-        "agent.env": (agent_env(identity, site, coordinator_key).encode(), SECRET_MODE),
+def render(identity: Identity, site: Site, coordinator_key: str,
+           client: pki.KeyPair | None = None) -> dict[str, tuple[bytes, int]]:
+    """Bundle file name -> (content, mode). agent.env and client.key hold secrets; they are 0600.
+    `coordinator_key`: the public key of the coordinator's signing key (base64); `client`: the
+    node's client certificate and key, for a broker that demands one (mutual TLS)."""
+    mtls = client is not None
+    files = {
+        "compose.yaml": (compose_yaml(identity.name, site, mtls).encode(), PUBLIC_MODE),
+        "agent.env": (agent_env(identity, site, coordinator_key, mtls).encode(), SECRET_MODE),
         "ca.crt": (site.ca_pem, PUBLIC_MODE),  # a CA certificate is public; the container reads it
-        "README.md": (readme(identity.name, site).encode(), PUBLIC_MODE),
+        "README.md": (readme(identity.name, site, mtls).encode(), PUBLIC_MODE),
     }
+    if client is not None:
+        files |= {"client.crt": (client.cert, PUBLIC_MODE), "client.key": (client.key, SECRET_MODE)}
+    return files
 
 
-def compose_yaml(name: str, site: Site) -> str:
+def compose_yaml(name: str, site: Site, mtls: bool = False) -> str:
     service = {
         "image": site.image or default_image(),
         "restart": "unless-stopped",
@@ -101,6 +110,7 @@ def compose_yaml(name: str, site: Site) -> str:
         "command": ["--data", f"{DATA_DIR}/{DATA_FILE}", "--run-id", site.run_id, "--workdir", STATE_DIR],
         "volumes": [
             _bind("./data", DATA_DIR), _bind("./models", MODELS_DIR), _bind("./ca.crt", CA_PATH),
+            *([_bind("./client.crt", CERT_PATH), _bind("./client.key", KEY_PATH)] if mtls else []),
             # A named volume starts with the image's folder and its owner (the non-root user);
             # the activation cache lives in it too (<workdir>/cache).
             {"type": "volume", "source": "state", "target": STATE_DIR},
@@ -117,7 +127,7 @@ def _bind(source: str, target: str) -> dict:
     return {"type": "bind", "source": source, "target": target, "read_only": True}
 
 
-def agent_env(identity: Identity, site: Site, coordinator_key: str) -> str:
+def agent_env(identity: Identity, site: Site, coordinator_key: str, mtls: bool = False) -> str:
     """The agent's FSL_ environment. Compose reads this file on the host; keep it 0600.
 
     FSL_MQTT_* are the names the coordinator's pod uses for its own broker login (k8s/).
@@ -130,6 +140,7 @@ def agent_env(identity: Identity, site: Site, coordinator_key: str) -> str:
         f"FSL_MQTT_USERNAME={identity.name}",
         f"FSL_MQTT_PASSWORD={identity.password}",
         f"FSL_MQTT_CA_FILE={CA_PATH}",
+        *([f"FSL_MQTT_CERT_FILE={CERT_PATH}", f"FSL_MQTT_KEY_FILE={KEY_PATH}"] if mtls else []),
         f"{auth.NODE_KEY_ENV}={identity.node_key}",
         f"{auth.COORDINATOR_PUBKEY_ENV}={coordinator_key}",
         f"FSL_MODELS_DIR={MODELS_DIR}",
@@ -137,8 +148,11 @@ def agent_env(identity: Identity, site: Site, coordinator_key: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def readme(name: str, site: Site) -> str:
+def readme(name: str, site: Site, mtls: bool = False) -> str:
     image = site.image or default_image()
+    key_note = (f"\n   The broker also asks for this node's certificate (`client.crt`, `client.key`):\n"
+                f"   `client.key` is secret (0600); let the agent read it: `sudo chown {AGENT_UID} client.key`."
+                if mtls else "")
     return f"""# fsl-edge site bundle: {name}
 
 This folder makes this machine the federation's node `{name}`: an edge agent that trains on
@@ -149,7 +163,7 @@ the federation's broker at `{site.broker_url}` (TLS, trusting only `ca.crt`).
    The agent runs as uid {AGENT_UID}: the file must be readable by it. Optionally put a local copy
    of the base model in `models/<model name>/`.
 2. Make the image `{image}` available on this machine (`docker pull`, or build it from the
-   fsl-edge repository with `docker build -f docker/Dockerfile.agent -t {image} .`).
+   fsl-edge repository with `docker build -f docker/Dockerfile.agent -t {image} .`).{key_note}
 3. Start it:
 
        docker compose up -d
@@ -166,15 +180,18 @@ commit it or copy it elsewhere. If it leaks, ask the federation's operator to ru
 """
 
 
-def enroll_site(store: NodeStore, name: str, site: Site, out: Path) -> Identity:
-    """Enroll `name` in the store and write its bundle to `out`; all of it or nothing."""
+def enroll_site(store: NodeStore, name: str, site: Site, out: Path,
+                client_ca: pki.KeyPair | None = None) -> Identity:
+    """Enroll `name` in the store and write its bundle to `out`; all of it or nothing.
+    `client_ca`: the broker CA with its key, to issue the node a client certificate (mTLS)."""
     check_name(name)
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"{out} already exists and is not an empty folder: choose another --out")
     old = store.load()
     new, identity = plan_enroll(old, name)
-    staged = _stage(render(identity, site, coordinator_key(store)), out)
+    client = pki.issue_client(client_ca, name) if client_ca is not None else None
+    staged = _stage(render(identity, site, coordinator_key(store), client), out)
     saved = False
     try:
         store.save(old, new)

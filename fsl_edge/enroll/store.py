@@ -22,8 +22,9 @@ from typing import Literal, Protocol
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from fsl_edge.atomic import write_atomic
-from fsl_edge.deploy.names import (ACL_KEY, BROKER_AUTH_SECRET, BROKER_TLS_SECRET, LABELS,
-                                   NODE_KEYS_SECRET, PASSWD_KEY)
+from fsl_edge.deploy.names import (ACL_KEY, BROKER_AUTH_SECRET, BROKER_CA_SECRET, BROKER_TLS_SECRET,
+                                   COORDINATOR_CLIENT_TLS_SECRET, LABELS, NODE_KEYS_SECRET,
+                                   PASSWD_KEY)
 from fsl_edge.errors import ConfigError
 
 # Kubernetes Secrets, named where deploy and k8s/ name them: the broker mounts BROKER_AUTH_SECRET
@@ -166,6 +167,17 @@ class KubeStore(NodeStore):
     def broker_ca(self) -> bytes | None:
         """The CA that signed the broker's certificate, as deploy stored it; None if absent."""
         return (self.client.read_secret(self.namespace, BROKER_TLS_SECRET) or {}).get(CA_KEY)
+
+    def broker_ca_pair(self) -> tuple[bytes, bytes] | None:
+        """The broker CA's certificate and private key (to issue client certificates); None if
+        deploy did not make the CA (the user brought the broker's certificate)."""
+        data = self.client.read_secret(self.namespace, BROKER_CA_SECRET) or {}
+        return (data["tls.crt"], data["tls.key"]) if {"tls.crt", "tls.key"} <= data.keys() else None
+
+    def mutual_tls(self) -> bool:
+        """Whether the deployment demands client certificates (deploy then issued the
+        coordinator's)."""
+        return self.client.read_secret(self.namespace, COORDINATOR_CLIENT_TLS_SECRET) is not None
 
     def _parts(self):
         return [

@@ -226,12 +226,12 @@ def test_a_node_port_and_host_make_the_endpoint(kube, tmp_path, capsys):
     assert service["spec"]["type"] == "NodePort" and service["spec"]["ports"][0]["nodePort"] == 30883
 
 
-def deployed_broker(kube, tmp_path) -> tuple[Path, list[str], str]:
+def deployed_broker(kube, tmp_path, extra_config: str = "") -> tuple[Path, list[str], str]:
     """Deploy, then lay out what the broker pod sees under tmp_path/mosquitto: the rendered
     mosquitto.conf (on a free loopback port) and the Secrets' files. Returns (root, the broker's
     argv, the reloader's script), every /mosquitto/ path moved under root."""
     config = tmp_path / "deploy.yaml"
-    config.write_text("expose:\n  mode: none\n  host: 127.0.0.1\n")
+    config.write_text("expose:\n  mode: none\n  host: 127.0.0.1\n" + extra_config)
     assert deploy_to(kube, "--config", str(config)) == 0
     root, port = tmp_path / "mosquitto", free_port()
     for name, folder in ((names.BROKER_TLS_SECRET, "tls"), (names.BROKER_AUTH_SECRET, "auth")):
@@ -306,6 +306,42 @@ def test_the_coordinators_own_link_logs_in_over_tls_with_its_environment(kube, t
     finally:
         broker.terminate()
         broker.wait(5)
+
+
+@pytest.mark.integration
+def test_with_client_certificates_the_coordinator_gets_in_with_its_certificate_only(kube, tmp_path):
+    """Mutual TLS as deployed: the rendered broker config demands a client certificate, and the
+    coordinator's pod environment (its Secret's files) supplies the one deploy issued."""
+    from fsl_edge.errors import TransportError
+    from fsl_edge.transport import BrokerLogin, MqttLink
+
+    root, argv, _, port = deployed_broker(kube, tmp_path, "client_certificates: true\n")
+    assert "\nrequire_certificate true" in (root / "config" / "mosquitto.conf").read_text()
+    client = secret(kube, names.COORDINATOR_CLIENT_TLS_SECRET)
+    for key, value in client.items():  # where the pod mounts it
+        (root / key).write_bytes(value)
+    sts = kube.objects()[("statefulsets", NS, names.COORDINATOR)]["spec"]["template"]["spec"]
+    pod_env = {e["name"]: e.get("value") for e in sts["containers"][0]["env"]}
+    assert pod_env["FSL_MQTT_CERT_FILE"] == f"{names.CLIENT_TLS_DIR}/tls.crt"
+    log = tmp_path / "mosquitto.log"
+    broker = subprocess.Popen(argv, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    env = {"FSL_MQTT_USERNAME": "fsl-coordinator", "FSL_MQTT_CA_FILE": str(root / "tls" / "ca.crt"),
+           "FSL_MQTT_PASSWORD": secret(kube, names.COORDINATOR_MQTT_SECRET)["password"].decode()}
+    mtls = {"FSL_MQTT_CERT_FILE": str(root / "tls.crt"), "FSL_MQTT_KEY_FILE": str(root / "tls.key")}
+    try:
+        link = MqttLink(f"mqtts://127.0.0.1:{port}", "t-coordinator", [],
+                        login=BrokerLogin.from_env({**env, **mtls}))
+        link.start(timeout=10)
+        link.stop()
+        bare = MqttLink(f"mqtts://127.0.0.1:{port}", "t-bare", [], login=BrokerLogin.from_env(env))
+        with pytest.raises(TransportError):  # the password alone no longer opens the broker
+            bare.start(timeout=3)
+    finally:
+        broker.terminate()
+        broker.wait(5)
+    # a second deploy keeps the certificate (it is valid and from the same CA)
+    assert deploy_to(kube, "--config", str(tmp_path / "deploy.yaml")) == 0
+    assert secret(kube, names.COORDINATOR_CLIENT_TLS_SECRET) == client
 
 
 @pytest.mark.slow

@@ -16,19 +16,23 @@ import os
 import queue
 import shutil
 import signal
+import ssl
 import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
+from cryptography import x509
 from paho.mqtt.enums import CallbackAPIVersion
 
 from fsl_edge import protocol
 from fsl_edge.broker import BrokerProcess, find_mosquitto, free_port
-from fsl_edge.enroll import LocalStore, enroll, revoke
+from fsl_edge.deploy import pki
+from fsl_edge.enroll import LocalStore, Site, enroll_site, revoke
 
 
 pytestmark = pytest.mark.integration
@@ -66,8 +70,40 @@ class Session:
             return None
 
 
-def connect(broker: BrokerProcess, user: str, password: str) -> tuple[mqtt.Client, mqtt.ReasonCode]:
-    """A client that sent CONNECT as user; returns it with the CONNACK's reason code.
+@dataclass
+class Tls:
+    """The broker's TLS listener: its CA (which the clients trust), and whether it demands a
+    client certificate (mutual TLS); `certs` maps a user to its client certificate files."""
+
+    ca: pki.KeyPair
+    ca_file: Path
+    require_certificate: bool
+    certs: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+
+@dataclass
+class Broker:
+    """A Mosquitto on loopback and how clients reach it."""
+
+    process: BrokerProcess
+    tls: Tls | None = None
+
+    def __getattr__(self, name):  # host, port, proc, log
+        return getattr(self.process, name)
+
+    def __enter__(self) -> Broker:
+        self.process.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.process.stop()
+
+
+def connect(broker: Broker, user: str, password: str, cert: tuple[str, str] | None | str = "own"
+            ) -> tuple[mqtt.Client, mqtt.ReasonCode | str]:
+    """A client that sent CONNECT as user; returns it with the CONNACK's reason code, or with
+    the TLS or connection error that came instead. `cert`: the client certificate files to
+    show ("own": the user's, if it has one; None: none).
 
     The network loop runs in this thread until the CONNACK: paho's background loop would retry a
     refused connection after a backoff, which a refusal test only waits on.
@@ -75,22 +111,34 @@ def connect(broker: BrokerProcess, user: str, password: str) -> tuple[mqtt.Clien
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"test-{user}-{time.monotonic_ns()}",
                          protocol=mqtt.MQTTv311)
     client.username_pw_set(user, password)
-    result: list[mqtt.ReasonCode] = []
+    if broker.tls is not None:
+        files = broker.tls.certs.get(user) if cert == "own" else cert
+        client.tls_set(ca_certs=str(broker.tls.ca_file), certfile=files and files[0],
+                       keyfile=files and files[1])
+    result: list[mqtt.ReasonCode | str] = []
     client.on_connect = lambda c, userdata, flags, reason_code, properties: result.append(reason_code)
-    client.connect(broker.host, broker.port, keepalive=30)
-    deadline = time.monotonic() + TIMEOUT_S
-    while not result and time.monotonic() < deadline:
-        client.loop(timeout=0.1)
+    try:
+        client.connect("localhost" if broker.tls else broker.host, broker.port, keepalive=30)
+        deadline = time.monotonic() + TIMEOUT_S
+        while not result and time.monotonic() < deadline:
+            if client.loop(timeout=0.1) not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_AGAIN):
+                result.append("connection lost before CONNACK")
+    except (OSError, ssl.SSLError) as e:  # a TLS handshake the broker refused
+        result.append(f"{type(e).__name__}: {e}")
     if not result:
         client.disconnect()
         raise TimeoutError(f"no CONNACK for {user} within {TIMEOUT_S} s:\n{broker.log()}")
     return client, result[0]
 
 
+def admitted(code: mqtt.ReasonCode | str) -> bool:
+    return not isinstance(code, str) and not code.is_failure
+
+
 @contextlib.contextmanager
-def session(broker: BrokerProcess, user: str, password: str) -> Iterator[Session]:
+def session(broker: Broker, user: str, password: str) -> Iterator[Session]:
     client, code = connect(broker, user, password)
-    assert not code.is_failure, f"{user} was refused: {code}"
+    assert admitted(code), f"{user} was refused: {code}"
     client.loop_start()
     try:
         yield Session(client)
@@ -99,41 +147,70 @@ def session(broker: BrokerProcess, user: str, password: str) -> Iterator[Session
         client.loop_stop()
 
 
-def refused(broker: BrokerProcess, user: str, password: str) -> bool:
-    client, code = connect(broker, user, password)
+def refused(broker: Broker, user: str, password: str, cert: tuple[str, str] | None | str = "own") -> bool:
+    client, code = connect(broker, user, password, cert)
     client.disconnect()
-    return code.is_failure
+    return not admitted(code)
 
 
-def mosquitto_on(folder: Path, workdir: Path) -> BrokerProcess:
-    """A Mosquitto (not started) that loads folder/passwd and folder/acl, anonymous access off."""
+def broker_tls(workdir: Path, require_certificate: bool) -> Tls:
+    """A CA and a server certificate for localhost, as deploy makes them for the cluster."""
+    ca = pki.new_ca("test")
+    server = pki.issue_server(ca, ["localhost", "127.0.0.1"])
+    for name, content in (("ca.crt", ca.cert), ("server.crt", server.cert), ("server.key", server.key)):
+        (workdir / name).write_bytes(content)
+    return Tls(ca, workdir / "ca.crt", require_certificate)
+
+
+def mosquitto_on(folder: Path, workdir: Path, tls: Tls | None = None) -> Broker:
+    """A Mosquitto (not started) that loads folder/passwd and folder/acl, anonymous access off;
+    with `tls`, its only listener is TLS (as k8s/base/config/mosquitto.conf has it)."""
     port = free_port()
     conf = workdir / f"mosquitto-{port}.conf"
+    listener = [f"listener {port} 127.0.0.1"]
+    if tls is not None:
+        listener += [f"cafile {tls.ca_file}", f"certfile {workdir / 'server.crt'}",
+                     f"keyfile {workdir / 'server.key'}", "tls_version tlsv1.2",
+                     f"require_certificate {str(tls.require_certificate).lower()}"]
     conf.write_text("\n".join([
-        f"listener {port} 127.0.0.1", "allow_anonymous false",
-        f"password_file {folder / 'passwd'}", f"acl_file {folder / 'acl'}",
+        "per_listener_settings false", "allow_anonymous false",
+        f"password_file {folder / 'passwd'}", f"acl_file {folder / 'acl'}", *listener,
         # started as root, mosquitto drops to the `mosquitto` user, which cannot read 0600 files
         f"user {getpass.getuser()}",
         "persistence false", "log_dest stderr", "log_type error", "log_type warning", "log_type notice",
     ]) + "\n")
     try:
-        return BrokerProcess("mosquitto", [find_mosquitto(), "-c", str(conf)], port, workdir / f"mosquitto-{port}.log")
+        return Broker(BrokerProcess("mosquitto", [find_mosquitto(), "-c", str(conf)], port,
+                                    workdir / f"mosquitto-{port}.log"), tls)
     except FileNotFoundError as e:
         pytest.fail(str(e), pytrace=False)
 
 
-@pytest.fixture
-def federation(tmp_path: Path):
+@pytest.fixture(params=["tls", "mtls"])
+def federation(request, tmp_path: Path):
     """A node store holding the coordinator's user (as deploy writes it) and nodes alice and bob,
-    and a Mosquitto that loads its password and ACL files."""
+    enrolled with bundles, and a Mosquitto over TLS that loads its password and ACL files; with
+    mutual TLS (`mtls`) the broker also demands a certificate from its CA, which each node's
+    bundle holds."""
+    tls = broker_tls(tmp_path, require_certificate=request.param == "mtls")
     store = LocalStore(tmp_path / "auth")
     store.folder.mkdir()
     mosquitto_passwd = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
     subprocess.run([mosquitto_passwd, "-c", "-b", str(store.folder / "passwd"), "coordinator",
                     COORDINATOR_PASSWORD], check=True)
     (store.folder / "acl").write_text("user coordinator\ntopic readwrite fsl/#\n")
-    nodes = {name: enroll(store, name) for name in ("alice", "bob")}
-    with mosquitto_on(store.folder, tmp_path) as broker:
+    site = Site(broker="localhost:8883", ca_pem=tls.ca.cert, run_id=RUN)
+    client_ca = tls.ca if tls.require_certificate else None
+    nodes = {name: enroll_site(store, name, site, tmp_path / f"{name}-bundle", client_ca)
+             for name in ("alice", "bob")}
+    if tls.require_certificate:
+        coordinator = pki.issue_client(tls.ca, "coordinator")
+        (tmp_path / "coordinator.crt").write_bytes(coordinator.cert)
+        (tmp_path / "coordinator.key").write_bytes(coordinator.key)
+        tls.certs = {"coordinator": (str(tmp_path / "coordinator.crt"), str(tmp_path / "coordinator.key")),
+                     **{name: (str(tmp_path / f"{name}-bundle" / "client.crt"),
+                               str(tmp_path / f"{name}-bundle" / "client.key")) for name in nodes}}
+    with mosquitto_on(store.folder, tmp_path, tls) as broker:
         yield broker, store, nodes
 
 
@@ -190,6 +267,50 @@ def test_a_wrong_password_or_unknown_user_is_refused(federation):
     assert refused(broker, "alice", "")
     assert refused(broker, "mallory", nodes["alice"].password)
     assert not refused(broker, "alice", nodes["alice"].password)
+
+
+def test_without_tls_or_trusting_another_ca_nobody_gets_in(federation, tmp_path):
+    broker, _, nodes = federation
+    plain = Broker(broker.process)  # the same port, spoken to in the clear
+    assert refused(plain, "alice", nodes["alice"].password)
+    (tmp_path / "impostor").mkdir()
+    impostor = Broker(broker.process, broker_tls(tmp_path / "impostor", False))
+    # a client that trusts another CA never sends its password to this broker
+    assert refused(impostor, "alice", nodes["alice"].password, cert=None)
+
+
+def test_with_mutual_tls_a_password_alone_or_a_foreign_certificate_is_refused(federation, tmp_path):
+    broker, _, nodes = federation
+    if not broker.tls.require_certificate:
+        # plain TLS (the default deployment): the password is the credential
+        assert not refused(broker, "alice", nodes["alice"].password, cert=None)
+        return
+    assert refused(broker, "alice", nodes["alice"].password, cert=None)
+    rogue = pki.issue_client(pki.new_ca("rogue"), "alice")  # right name, another CA
+    (tmp_path / "rogue.crt").write_bytes(rogue.cert)
+    (tmp_path / "rogue.key").write_bytes(rogue.key)
+    assert refused(broker, "alice", nodes["alice"].password,
+                   cert=(str(tmp_path / "rogue.crt"), str(tmp_path / "rogue.key")))
+    # bob's certificate with alice's password: the certificate only opens TLS, the password
+    # names the node, so this is alice (and nothing of bob's is reachable through it)
+    assert not refused(broker, "alice", nodes["alice"].password, cert=broker.tls.certs["bob"])
+    assert refused(broker, "bob", nodes["alice"].password, cert=broker.tls.certs["bob"])
+    assert not refused(broker, "alice", nodes["alice"].password)
+
+
+def test_the_bundles_client_certificate_is_the_nodes_from_the_broker_ca(federation, tmp_path):
+    broker, _, _ = federation
+    bundle = tmp_path / "alice-bundle"
+    env = (bundle / "agent.env").read_text()
+    if not broker.tls.require_certificate:
+        assert not (bundle / "client.crt").exists() and "FSL_MQTT_CERT_FILE" not in env
+        return
+    cert = x509.load_pem_x509_certificate((bundle / "client.crt").read_bytes())
+    cert.verify_directly_issued_by(x509.load_pem_x509_certificate(broker.tls.ca.cert))
+    assert cert.subject.rfc4514_string() == "CN=alice"
+    assert (bundle / "client.key").stat().st_mode & 0o077 == 0  # secret: owner only
+    assert "FSL_MQTT_CERT_FILE=/etc/fsl-edge/client.crt" in env
+    assert "./client.key" in (bundle / "compose.yaml").read_text()
 
 
 def test_after_revoke_and_a_reload_the_node_is_out_and_the_others_stay(federation):

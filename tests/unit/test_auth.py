@@ -12,6 +12,7 @@ import torch
 import yaml
 
 from fsl_edge import auth, protocol
+from fsl_edge.deploy import pki
 from fsl_edge.auth import (FORGED, REPLAYED, UNKNOWN_NODE, UNSIGNED, WRONG_RUN, Authenticator, NodeKeys,
                            ReplayWindow, Signer)
 from fsl_edge.errors import ConfigError, ProtocolError
@@ -355,6 +356,35 @@ def test_deploy_makes_the_signing_key_once_and_refuses_a_broken_one():
         {"private": data["private"], "public": auth.public_key_of(auth.new_signing_key()).encode()}, {}, "2")
     with pytest.raises(ConfigError, match="fsl-coordinator-signing does not hold a matching"):
         plan_secrets(cluster.get, "fed", ["fsl-broker"])
+
+
+def test_with_client_certificates_deploy_issues_the_coordinators_once_and_needs_its_own_ca():
+    import base64
+
+    from fsl_edge.deploy import names
+    from fsl_edge.deploy.kube import StoredSecret
+    from fsl_edge.deploy.secrets import plan_secrets
+
+    def stored(manifest: dict, labels: dict | None = None) -> StoredSecret:
+        return StoredSecret({k: base64.b64decode(v) for k, v in manifest["data"].items()},
+                            manifest["metadata"].get("labels", {}) if labels is None else labels, "1")
+
+    cluster: dict[str, StoredSecret] = {}
+    plan = plan_secrets(cluster.get, "fed", ["fsl-broker"], client_certificates=True)
+    cluster.update({w["metadata"]["name"]: stored(w) for w in plan.writes})
+    client = cluster[names.COORDINATOR_CLIENT_TLS_SECRET].data
+    assert pki.needs_reissue(client["tls.crt"], cluster[names.BROKER_CA_SECRET].data["tls.crt"], []) is None
+    again = plan_secrets(cluster.get, "fed", ["fsl-broker"], client_certificates=True)
+    assert names.COORDINATOR_CLIENT_TLS_SECRET not in [w["metadata"]["name"] for w in again.writes]
+    # a certificate from another CA (say, the CA was restored from an older backup) is re-issued
+    cluster[names.COORDINATOR_CLIENT_TLS_SECRET] = StoredSecret(
+        {"tls.crt": pki.issue_client(pki.new_ca("old"), "x").cert, "tls.key": b"k"}, names.LABELS, "2")
+    again = plan_secrets(cluster.get, "fed", ["fsl-broker"], client_certificates=True)
+    assert any("client certificate for mutual TLS (it was not issued" in n for n in again.notes)
+    # the user brought the broker's certificate: no CA here can sign a client's
+    brought = {names.BROKER_TLS_SECRET: StoredSecret({"ca.crt": b"x", "tls.crt": b"x"}, {}, "1")}
+    with pytest.raises(ConfigError, match="client_certificates needs the broker CA"):
+        plan_secrets(brought.get, "fed", ["fsl-broker"], client_certificates=True)
 
 
 def test_the_coordinator_pod_takes_its_signing_key_from_the_secret():

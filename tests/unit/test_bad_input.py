@@ -269,3 +269,17 @@ def test_broker_urls_and_logins_are_checked(tmp_path):
         BrokerLogin.from_env({"FSL_MQTT_CA_FILE": str(tmp_path / "none.crt")})
     login = BrokerLogin.from_env({"FSL_MQTT_USERNAME": "a", "FSL_MQTT_PASSWORD": "secret"})
     assert login.username == "a" and "secret" not in repr(login)
+    (tmp_path / "c.pem").write_text("not a certificate")
+    with pytest.raises(ConfigError, match="go together"):
+        BrokerLogin.from_env({"FSL_MQTT_CERT_FILE": str(tmp_path / "c.pem")})
+    with pytest.raises(ConfigError, match="FSL_MQTT_KEY_FILE .* is not a file"):
+        BrokerLogin.from_env({"FSL_MQTT_CERT_FILE": str(tmp_path / "c.pem"),
+                              "FSL_MQTT_KEY_FILE": str(tmp_path / "none.key")})
+    pair = BrokerLogin.from_env({"FSL_MQTT_CERT_FILE": str(tmp_path / "c.pem"),
+                                 "FSL_MQTT_KEY_FILE": str(tmp_path / "c.pem")})
+    from fsl_edge.transport import MqttLink
+
+    with pytest.raises(ConfigError, match="needs TLS"):
+        MqttLink("mqtt://127.0.0.1:1883", "x", [], login=pair)
+    with pytest.raises(ConfigError, match="cannot load the TLS files"):
+        MqttLink("mqtts://127.0.0.1:8883", "x", [], login=pair)

@@ -441,6 +441,36 @@ def test_cli_bad_input_is_one_line_and_exit_2_with_nothing_written(cli, tmp_path
     assert not (tmp_path / "auth").exists() and not (tmp_path / "alice-bundle").exists()
 
 
+def test_cli_enroll_with_a_client_certificate_from_the_local_ca(cli, tmp_path, capsys):
+    from cryptography import x509
+
+    from fsl_edge.deploy import pki
+
+    ca = pki.new_ca("local")
+    (tmp_path / "own-ca.crt").write_bytes(ca.cert)
+    (tmp_path / "own-ca.key").write_bytes(ca.key)
+    (tmp_path / "other.key").write_bytes(pki.new_ca("other").key)
+    where = ["--broker", "b:8883", "--local", "auth"]
+    # refusals first: nothing may be written by any of them
+    for args, message in (
+            (["--ca", "ca.crt", "--client-cert"], "needs --ca and --ca-key"),
+            (["--ca", "own-ca.crt", "--ca-key", "other.key"], "the key is not the certificate's"),
+            (["--ca", "ca.crt", "--ca-key", "own-ca.key"], "not a PEM certificate"),
+            (["--ca", "own-ca.crt", "--ca-key", "missing.key"], "cannot read the CA key")):
+        assert cli(["enroll", "alice", *where, *args]) == 2, args
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "auth").exists() and not (tmp_path / "alice-bundle").exists()
+    assert cli(["enroll", "alice", *where, "--ca", "own-ca.crt", "--ca-key", "own-ca.key"]) == 0
+    assert "client.crt, client.key (secret)" in capsys.readouterr().out
+    bundle = tmp_path / "alice-bundle"
+    cert = x509.load_pem_x509_certificate((bundle / "client.crt").read_bytes())
+    cert.verify_directly_issued_by(x509.load_pem_x509_certificate(ca.cert))
+    assert (bundle / "client.key").stat().st_mode & 0o777 == 0o600
+    assert "FSL_MQTT_KEY_FILE=/etc/fsl-edge/client.key" in (bundle / "agent.env").read_text()
+    assert "chown 10001 client.key" in (bundle / "README.md").read_text()
+
+
 def test_cli_against_a_cluster_takes_the_ca_from_its_secret(cli, tmp_path, capsys, monkeypatch):
     import types
 
@@ -466,6 +496,24 @@ def test_cli_against_a_cluster_takes_the_ca_from_its_secret(cli, tmp_path, capsy
     assert json.loads(cluster.secrets[("fed", NODES_SECRET)][0]["alice"])["state"] == "revoked"
     assert cli(["enroll", "bob", "--broker", "b:8883", "--context", "prod", "--namespace", "other"]) == 2
     assert "no broker CA in namespace other of context prod (Secret fsl-broker-tls" in capsys.readouterr().err
+    # a deployment with client_certificates (deploy issued the coordinator's): sites get one too
+    from fsl_edge.deploy import pki
+
+    ca = pki.new_ca("mt")
+    cluster.write_secret("mt", BROKER_TLS_SECRET, {"ca.crt": ca.cert}, {})
+    cluster.write_secret("mt", BROKER_AUTH_SECRET, {"passwd": COORD_PASSWD.encode(),
+                                                    "acl": COORD_ACL.encode()}, {})
+    cluster.write_secret("mt", "fsl-coordinator-signing",
+                         {"private": signing.encode(), "public": public_key_of(signing).encode()}, {})
+    cluster.write_secret("mt", "fsl-coordinator-client-tls", {"tls.crt": b"...", "tls.key": b"..."}, {})
+    mt = ["--broker", "b:8883", "--context", "prod", "--namespace", "mt"]
+    assert cli(["enroll", "carol", *mt]) == 2  # the CA's key is not there to sign with
+    assert "needs the broker CA's key (Secret fsl-broker-ca" in capsys.readouterr().err
+    cluster.write_secret("mt", "fsl-broker-ca", {"tls.crt": ca.cert, "tls.key": ca.key}, {})
+    assert cli(["enroll", "carol", *mt]) == 0
+    assert (tmp_path / "carol-bundle" / "client.crt").is_file()
+    assert cli(["enroll", "dave", *mt, "--no-client-cert"]) == 0
+    assert not (tmp_path / "dave-bundle" / "client.crt").exists()
 
 
 def test_cli_enrolling_twice_keeps_the_first_bundle(cli, tmp_path, capsys):
