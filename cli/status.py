@@ -161,6 +161,19 @@ def agents_table(s: Status, now: float) -> Table:
     return table
 
 
+def contributions_table(s: Status) -> Table:
+    """What each site has given the federation: rounds, tokens and their share, and how many of
+    its updates the screening flagged (the ledger, `fsl-edge audit contributions`, has the
+    accepted ones round by round)."""
+    total = sum(a.tokens for a in s.agents.values())
+    table = _table("contributions", "agent", "rounds", "tokens", "share", "flagged\nupdates")
+    for name, a in sorted(s.agents.items(), key=lambda item: (-item[1].tokens, item[0])):
+        table.add_row(Text(name), str(a.rounds_contributed), str(a.tokens),
+                      f"{a.tokens / total * 100:.1f} %" if total else "-",
+                      Text(str(a.updates_flagged), style="yellow" if a.updates_flagged else ""))
+    return table
+
+
 def traffic_table(s: Status) -> Table:
     table = _table("traffic", "kind", "messages", "MiB sent", "MiB raw", "ratio")
     for kind, t in sorted(s.traffic.items()):
@@ -209,6 +222,7 @@ def render(s: Status, now: float | None = None) -> Group:
         parts.append(traffic_table(s))
     if s.history:
         parts.append(history_table(s))
+        parts.append(contributions_table(s))
     selection = selection_table(s)
     if selection is not None:
         parts.append(selection)

@@ -283,6 +283,7 @@ class Coordinator:
             # quarantine, and the ledger says why (it would re-send the same update for ever)
             self.reject("non_finite", agent, str(e))
             self.ledger.append_rejected(self.round, agent, "non-finite update")
+            self.status.agents[agent].updates_flagged += 1
             for newly in self.quarantine.record(self.round, {agent: True}):
                 log.warning("%s is quarantined: its updates failed the checks", newly)
             self.members.discard(agent)
@@ -383,6 +384,7 @@ class Coordinator:
                     for a, v in verdicts.items() if v.flagged]
         for agent, reason, _ in rejected:
             self.reject(verdicts[agent].status, agent, reason)
+            self.status.agents[agent].updates_flagged += 1
         for agent in self.quarantine.record(self.round, {a: v.flagged for a, v in verdicts.items()}):
             log.warning("%s is quarantined: its updates failed the checks %d rounds in a row",
                         agent, robust.quarantine_after)

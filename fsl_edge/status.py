@@ -35,6 +35,9 @@ class AgentStatus(BaseModel):
     """Tokens trained on, whole run."""
     tokens_per_s: float | None = None
     rounds_contributed: int = 0
+    updates_flagged: int = 0
+    """Of its adapter updates, those the screening flagged (non-finite, or a norm out of bounds:
+    rejected, or clipped under `rule: norm-clip`), whole run."""
     traffic: dict[str, Traffic] = Field(default_factory=dict)
     """Per message kind, both directions between this agent and the coordinator."""
     layers: list[tuple[int, list[int]]] = Field(default_factory=list)

@@ -37,7 +37,8 @@ def make_status() -> Status:
         cache={"hits": 30, "misses": 10, "entries": 10, "hit_rate": 0.75},
         traffic={"activation_up": Traffic(messages=10, bytes=MIB, raw_bytes=4 * MIB),
                  "gradient_down": Traffic(messages=10, bytes=2 * MIB, raw_bytes=4 * MIB)})
-    odd = AgentStatus(state="offline", last_seen=now - 120, round=1, step=10, tokens=400)
+    odd = AgentStatus(state="offline", last_seen=now - 120, round=1, step=10, tokens=400,
+                      rounds_contributed=1, updates_flagged=2)
     return Status(
         run="run-42", state="training", round=2, rounds=3, step=5, steps=10,
         model="tiny-random-llama", mode="u-shape", started_at=now - 60, updated_at=now,
@@ -193,6 +194,11 @@ def test_cli_shows_the_tables(server: StatusServer, capsys, monkeypatch) -> None
     # layer selection per party and the prefix cache
     assert "layers and cache" in out and "3, 7, 9" in out and "hit rate 75 % of 40" in out
     assert "holds 12 (3.0 MiB)" in out
+    # contribution totals per node, the largest first, with the updates the screening flagged
+    lines = [line.strip() for line in out.splitlines()]
+    rows = [line.split() for line in lines[lines.index("contributions"):]]
+    assert rows.index(["site-a", "1", "1000", "71.4", "%", "0"]) < rows.index(
+        [*ODD_AGENT.split(), "1", "400", "28.6", "%", "2"])
 
 
 def test_cli_json_is_a_status(server: StatusServer, capsys) -> None:
