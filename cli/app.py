@@ -17,6 +17,8 @@ from fsl_edge.config_file import settings_error
 from fsl_edge.errors import FslError
 
 from . import agent, audit, coordinator, data, deploy, enroll, models, simulate, status, up
+from . import report
+from . import eval as eval_cmd, export
 
 app = typer.Typer(name="fsl-edge", no_args_is_help=True, add_completion=False,
                   help="Split federated fine-tuning of LLMs with LoRA, at the edge.")
@@ -32,6 +34,9 @@ app.command("deploy")(deploy.deploy)
 app.command("enroll")(enroll.enroll)
 app.command("revoke")(enroll.revoke)
 app.command("nodes")(enroll.nodes)
+app.command("report")(report.report)
+app.command("eval")(eval_cmd.eval_)
+app.command("export")(export.export)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -72,6 +72,8 @@ class Federation:
     """Runs each agent inside something (a network namespace: `ip netns exec ...`)."""
     agent_broker: str | None = None
     """The broker's address as the agents reach it, when not the coordinator's."""
+    wrapped_sites: set[str] | None = None
+    """The sites agent_wrap and agent_broker apply to; None: every site."""
     keys: LocalKeys | None = None
     """The run's message keys; None: nothing is signed or checked."""
 
@@ -114,10 +116,11 @@ class Federation:
         """Start (or restart: it resumes from its own state) the agent of site `name`."""
         from fsl_edge.sites import site_files
         rt = self.settings.runtime
+        wrapped = self.wrapped_sites is None or name in self.wrapped_sites
         self._spawn(f"agent-{name}", [
             "agent", "--id", name, "--data", str(site_files(self.data_dir)[name][0]),
-            "--broker", self.agent_broker or rt.broker, "--run-id", rt.run_id,
-            "--workdir", str(self.workdir / "agents" / name)], self.agent_wrap,
+            "--broker", (self.agent_broker if wrapped else None) or rt.broker, "--run-id", rt.run_id,
+            "--workdir", str(self.workdir / "agents" / name)], self.agent_wrap if wrapped else None,
             self.keys.agent_env(name) if self.keys else None)
 
     def status(self) -> Status | None:

@@ -121,6 +121,7 @@ def _summary(fed: Federation, final, data_dir: Path, eval_samples: int, seconds:
     from fsl_edge.data import pad_id_of
     from fsl_edge.evaluate import heldout_before_after, load_result
     from fsl_edge.models import load
+    from fsl_edge.report.heldout import Heldout, save_heldout
     from fsl_edge.sites import load_sites
 
     latest = fed.checkpoint_dir / (fed.checkpoint_dir / "LATEST").read_text().strip()
@@ -132,6 +133,8 @@ def _summary(fed: Federation, final, data_dir: Path, eval_samples: int, seconds:
     console.print("evaluating held-out loss before and after ...")
     (per_b, all_b), (per_a, all_a) = heldout_before_after(
         loaded.model, sites, settings, pad_id_of(loaded.tokenizer), *load_result(latest))
+    save_heldout(fed.checkpoint_dir, Heldout(before=per_b, after=per_a, overall_before=all_b,
+                                             overall_after=all_a, samples=eval_samples))
     table = Table("held-out loss", *fed.sites, "all", title="fsl-edge up: summary")
     table.add_row("base model", *(f"{per_b[s]:.4f}" for s in fed.sites), f"{all_b:.4f}")
     table.add_row("after federation", *(f"{per_a[s]:.4f}" for s in fed.sites), f"{all_a:.4f}")

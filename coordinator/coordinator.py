@@ -171,6 +171,7 @@ class Coordinator:
                 st.state = "offline"
             elif st is not None and st.state == "offline":
                 st.state, st.last_seen = "online", time.time()  # back within its grace
+                self.heard[agent] = received.received_at  # or the next tick drops it again
             return
         if env.kind is not MessageKind.HELLO and agent not in self.welcomed:
             self.ask_to_introduce(agent)
@@ -201,6 +202,10 @@ class Coordinator:
         now = time.monotonic()
         if now - self.introduced.get(agent, -1e9) < 5.0:
             return
+        if len(self.introduced) >= 1024:  # the names are the sender's to invent: stay bounded
+            self.introduced = {a: t for a, t in self.introduced.items() if now - t < 5.0}
+            if len(self.introduced) >= 1024:
+                return
         self.introduced[agent] = now
         self.link.publish(protocol.topic_down(self.run_id, agent),
                           Envelope(MessageKind.HELLO, self.run_id, ME, self.round,
@@ -396,6 +401,7 @@ class Coordinator:
         self.status.history.append(RoundRecord(
             round=self.round, participants=names, tokens=tokens,
             train_loss=sum(self.uploads[a].loss * self.uploads[a].tokens for a in names) / tokens,
+            site_loss={a: self.uploads[a].loss for a in names},
             seconds=time.monotonic() - self.round_started, traffic=self.round_traffic))
         for a in accepted:
             self.status.agents[a].rounds_contributed += 1

@@ -32,7 +32,7 @@ def run_coordinator(settings: CoordinatorSettings, stop=lambda: False,
                     [protocol.topic_all_up(rt.run_id), protocol.topic_all_status(rt.run_id)],
                     will=(status_topic, protocol.STATUS_OFFLINE),
                     online=(status_topic, protocol.STATUS_ONLINE), max_packet=rt.max_packet,
-                    login=BrokerLogin.from_env(), authenticator=authenticator)
+                    bounds=rt.bounds, login=BrokerLogin.from_env(), authenticator=authenticator)
     coordinator = None
     server = StatusServer(lambda: coordinator.published if coordinator else Status(run=rt.run_id),
                           lambda: coordinator is not None and link.connected.is_set(),

@@ -156,10 +156,12 @@ class Agent:
     def run(self) -> int:
         """Work until the coordinator says the run is finished; returns the rounds trained."""
         beat = threading.Thread(target=self.heartbeats, daemon=True, name="heartbeat")
-        beat.start()
         try:
             welcome = self.request(self.hello(), {MessageKind.HELLO}, interruptible=False)
             self.timing = self.welcome_timing(welcome.meta)
+            # after the welcome: a heartbeat before it would only count as an unknown agent; from
+            # here it keeps the agent alive through the model load
+            beat.start()
             pipes = LearningSettings.model_validate(welcome.meta["training"]).compression.pipelines()
             self.codec, self.uplink = StepCodec(pipes), Uplink(pipes.upload)
             self.part, self.stream = self.build(welcome.meta)
@@ -182,7 +184,8 @@ class Agent:
                     instruction = i.envelope
         finally:
             self._stop.set()
-            beat.join(timeout=5)  # not mid-publish while the process winds down
+            if beat.is_alive():
+                beat.join(timeout=5)  # not mid-publish while the process winds down
 
     def train_round(self, start: Envelope) -> Envelope:
         """Run one round's steps and send the adapter upload; returns it (re-sent while idle)."""

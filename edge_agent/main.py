@@ -61,7 +61,7 @@ def run_agent(settings: AgentSettings) -> int:
                      protocol.topic_broadcast(rt.run_id)],
                     will=(status_topic, protocol.STATUS_OFFLINE),
                     online=(status_topic, protocol.STATUS_ONLINE), max_packet=rt.max_packet,
-                    login=BrokerLogin.from_env(), authenticator=authenticator)
+                    bounds=rt.bounds, login=BrokerLogin.from_env(), authenticator=authenticator)
     link.start()
     try:
         return Agent(settings, link, builder(settings)).run()

@@ -100,6 +100,9 @@ def mosquitto_broker(workdir: Path, *, max_packet_size: int | None = None, port:
         f"listener {port} {host}",
         "allow_anonymous true",
         "persistence false",
+        # every step is a small request and its reply: Nagle's algorithm with delayed ACKs adds
+        # ~40 ms to each delivery (fsl_edge/transport.py sets the same on the clients)
+        "set_tcp_nodelay true",
         "log_dest stderr",
         "log_type error",
         "log_type warning",

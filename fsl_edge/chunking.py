@@ -10,7 +10,7 @@ are therefore cut into chunks, each a packet of its own::
 
 A message that fits in one packet travels unchanged; `Reassembler.feed` passes it through.
 The receiver tolerates duplicated and reordered chunks (QoS 1 redelivers), verifies every chunk
-and the whole message, and bounds what it buffers per sender and for how long.
+and the whole message, and bounds what it buffers per sender, over all senders, and for how long.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
-from fsl_edge.errors import ProtocolError
+from fsl_edge.errors import LimitError, ProtocolError
 
 CHUNK_MAGIC = b"FSLC"
 CHUNK_VERSION = 1
@@ -91,20 +91,28 @@ class Reassembler:
     """Rebuild chunked messages per sender; thread-safe.
 
     `feed` returns a complete message, or None while one is incomplete (or the packet was a
-    duplicate). Bad chunks raise ProtocolError after their message is dropped; the caller logs,
-    counts and carries on. `stats` counts completed, duplicate, expired, overflow and corrupt.
+    duplicate). Bad chunks raise ProtocolError (LimitError for a bound) after their message is
+    dropped; the caller logs, counts and carries on. `stats` counts completed, duplicate,
+    expired, overflow, evicted and corrupt.
+
+    Memory is bounded per sender and over all senders. When the total is reached, the sender
+    holding the most gives way (its oldest incomplete message is evicted) as long as it holds
+    more than the sender asking would: many senders each at their own limit cannot exhaust
+    memory, and cannot lock out one that holds little either (max-min fairness).
     """
 
     def __init__(
         self,
         *,
         max_buffered_per_sender: int = 512 << 20,
+        max_buffered_total: int = 1 << 30,
         max_message_bytes: int = 512 << 20,
         deadline_s: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
         remember: int = 4096,
     ):
         self.max_buffered_per_sender = max_buffered_per_sender
+        self.max_buffered_total = max_buffered_total
         self.max_message_bytes = max_message_bytes
         self.deadline_s = deadline_s
         self.clock = clock
@@ -112,6 +120,7 @@ class Reassembler:
         # in the order the messages started, which is the order they expire in
         self._pending: dict[tuple[Hashable, bytes], _Pending] = {}
         self._used: Counter[Hashable] = Counter()  # bytes reserved per sender, kept in step
+        self._total = 0  # sum(self._used.values()), kept in step
         # Ids of finished, expired or dropped messages: late duplicates of their chunks are ignored
         # instead of starting a message that can never complete. Bounded.
         self._closed: OrderedDict[tuple[Hashable, bytes], None] = OrderedDict()
@@ -121,7 +130,7 @@ class Reassembler:
     def buffered_bytes(self, sender: Hashable | None = None) -> int:
         """Bytes reserved by incomplete messages (of one sender, or of all)."""
         with self._lock:
-            return sum(self._used.values()) if sender is None else self._used[sender]
+            return self._total if sender is None else self._used[sender]
 
     def pending(self, sender: Hashable | None = None) -> int:
         with self._lock:
@@ -157,9 +166,7 @@ class Reassembler:
     def _close(self, key: tuple[Hashable, bytes]) -> None:
         p = self._pending.pop(key, None)
         if p is not None:
-            self._used[key[0]] -= p.reserved
-            if not self._used[key[0]]:
-                del self._used[key[0]]
+            self._charge(key[0], -p.reserved)
         self._closed[key] = None
         while len(self._closed) > self._remember:
             self._closed.popitem(last=False)
@@ -168,7 +175,7 @@ class Reassembler:
         if key is not None:
             self._close(key)
         self.stats[stat] += 1
-        return ProtocolError(f"chunk dropped: {problem}")
+        return (LimitError if stat == "overflow" else ProtocolError)(f"chunk dropped: {problem}")
 
     def _feed_chunk(self, sender: Hashable, packet: memoryview) -> bytes | None:
         if len(packet) < HEADER_SIZE:
@@ -195,7 +202,7 @@ class Reassembler:
             reserved = total + _MESSAGE_OVERHEAD
             self._check_budget(key, reserved + _CHUNK_OVERHEAD)
             p = self._pending[key] = _Pending(count, total, whole, self.clock(), reserved)
-            self._used[sender] += reserved
+            self._charge(sender, reserved)
         elif (count, total, whole) != (p.count, p.total, p.whole):
             raise self._reject(key, "corrupt", f"chunk {index} disagrees with earlier chunks of its message")
         if index in p.parts:
@@ -207,14 +214,28 @@ class Reassembler:
         p.parts[index] = (offset, data)
         p.received += len(data)
         p.reserved += _CHUNK_OVERHEAD
-        self._used[sender] += _CHUNK_OVERHEAD
+        self._charge(sender, _CHUNK_OVERHEAD)
         return self._complete(key, p) if len(p.parts) == p.count else None
+
+    def _charge(self, sender: Hashable, n: int) -> None:
+        self._used[sender] += n
+        self._total += n
+        if not self._used[sender]:
+            del self._used[sender]
 
     def _check_budget(self, key: tuple[Hashable, bytes], more: int) -> None:
         sender, used = key[0], self._used[key[0]]
         if used + more > self.max_buffered_per_sender:
             raise self._reject(key, "overflow", f"sender {sender!r} would buffer {used + more} bytes, "
                                                 f"the limit is {self.max_buffered_per_sender}")
+        while self._total + more > self.max_buffered_total:
+            victim = max(self._used, key=self._used.__getitem__, default=sender)
+            if victim == sender or self._used[victim] <= used + more:
+                raise self._reject(key, "overflow", f"all senders would buffer {self._total + more} "
+                                                    f"bytes, the limit is {self.max_buffered_total}")
+            # pending is in start order: the victim's first entry is its oldest message
+            self._close(next(k for k in self._pending if k[0] == victim))
+            self.stats["evicted"] += 1
 
     def _complete(self, key: tuple[Hashable, bytes], p: _Pending) -> bytes:
         parts = [p.parts[i] for i in range(p.count)]

@@ -292,6 +292,30 @@ class LearningSettings(_Strict):
                              f"the activation at the cut is the cached prefix; it is {frozen}")
 
 
+class Bounds(_Strict):
+    """What a process holds for its peers, bounded (a slow or hostile agent cannot exhaust the
+    coordinator's memory or stall the others). Whatever a bound drops is counted by reason in
+    /status (overflow, evicted, queue_full, overload); every request is re-sent until answered,
+    so an honest peer loses time, never an update."""
+
+    reassembly_bytes: int = Field(1 << 30, ge=1 << 20)
+    """Incomplete chunked messages held over all senders together. When full, the sender
+    holding the most loses its oldest incomplete message (`evicted`) unless the one asking would
+    then hold as much: then the new chunk is refused (`overflow`)."""
+    reassembly_per_sender: int = Field(512 << 20, ge=1 << 20)
+    """Incomplete chunked messages held for one sender (one topic); over it, `overflow`. A
+    message larger than this (or than the envelope limit, 512 MiB) cannot be received."""
+    chunk_deadline_s: float = Field(60.0, gt=0)
+    """An incomplete chunked message is dropped this long after its first chunk (`expired`)."""
+    inbox_per_sender: int = Field(64, ge=1)
+    """Received messages from one sender waiting to be handled; further ones are dropped
+    (`queue_full`). Senders are served in turn, so one that floods delays no one else. An
+    honest agent has one request, a resend and a few heartbeats waiting at most."""
+    inbox_bytes: int = Field(1 << 30, ge=1 << 20)
+    """Received messages waiting to be handled, all senders together (each charged its size
+    plus 2 KiB); when full, the sender holding the most loses its newest (`overload`)."""
+
+
 class RuntimeSettings(_Strict):
     """How the coordinator and the agents talk: the broker, liveness and retry timing."""
 
@@ -309,6 +333,8 @@ class RuntimeSettings(_Strict):
     """A request unanswered for this long is sent again (the receiver applies it at most once)."""
     round_timeout_s: float = Field(1800.0, gt=0)
     """A round still open after this long closes with the adapters that arrived."""
+    bounds: Bounds = Field(default_factory=Bounds)
+    """Memory and queue bounds on what is received (see Bounds)."""
 
     @model_validator(mode="after")
     def _resends_beat_the_grace(self) -> RuntimeSettings:

@@ -61,5 +61,10 @@ class ProtocolError(PermanentError):
     exit_code = 6
 
 
+class LimitError(ProtocolError):
+    """A message, or what receiving it would hold in memory, exceeds a configured bound: the
+    receiver drops it and counts it as `overflow`; an honest sender's resend gets through later."""
+
+
 class TransportError(TemporaryError):
     """The broker could not be reached or dropped the connection."""

@@ -3,7 +3,8 @@
 Processes run inside the namespace with `link.wrap(argv)` and reach servers on the host through
 the shaped veth. netem shapes rate and delay in the kernel where it exists; where it does not
 (many cloud kernels ship without sch_netem), tbf shapes the rate on both veth ends and a
-delay-line relay (fsl_edge.delay_relay) adds half the RTT in each direction. Needs root.
+delay-line relay (fsl_edge.delay_relay) adds half the RTT in each direction. `partition()`
+cuts the link both ways and `heal()` restores it, open connections intact. Needs root.
 
     with shaped_link(rate_mbit=20, rtt_ms=50) as link, mosquitto_broker(tmp, host=link.bind_host) as b:
         subprocess.run(link.wrap([sys.executable, "-m", "agent", "--broker", link.broker_url(b.port)]))
@@ -83,6 +84,27 @@ class ShapedLink:
     def wrap(self, argv: list[str]) -> list[str]:
         """argv run inside the namespace."""
         return ["ip", "netns", "exec", self.ns, *argv]
+
+    def partition(self) -> None:
+        """Cut the link both ways until heal(): what either side sends the other goes nowhere.
+
+        Open connections are not told: TCP keeps their state and retransmits with backoff, so
+        a heal before either end gives up resumes them, at each one's next retransmission (up
+        to about as long again as the cut lasted). New connections fail at once (no route to
+        host) instead of timing out. Routes, not qdiscs: tc's drop rules (matchall, gact) are
+        often missing where netem is.
+        """
+        self._made.add("cut")
+        _ip("cut the way to the namespace", "route", "add", "unreachable", f"{self.ns_ip}/32")
+        _ip("cut the way to the host", "-n", self.ns, "route", "add", "unreachable", f"{self.host_ip}/32")
+
+    def heal(self) -> None:
+        """Undo partition(); a no-op when the link is not cut."""
+        if "cut" not in self._made:
+            return
+        _ip("heal the way to the host", "-n", self.ns, "route", "del", "unreachable", f"{self.host_ip}/32")
+        _ip("heal the way to the namespace", "route", "del", "unreachable", f"{self.ns_ip}/32")
+        self._made.discard("cut")
 
     def describe(self) -> str:
         why = f" (no netem: {self.netem_error})" if self.netem_error else ""
@@ -196,11 +218,15 @@ def _teardown(link: ShapedLink) -> str:
     subprocess.run(["ip", "netns", "del", link.ns], capture_output=True)
     if "veth" in link._made:  # normally gone with its peer in the namespace
         subprocess.run(["ip", "link", "del", link.host_if], capture_output=True)
+    if "cut" in link._made:  # a partition's host route names no device: it outlives the veth
+        subprocess.run(["ip", "route", "del", "unreachable", f"{link.ns_ip}/32"], capture_output=True)
     left = []
     if link.ns in _names(["ip", "netns", "list"]):
         left.append(f"namespace {link.ns}")
     if link.host_if in _names(["ip", "-o", "link", "show"]):
         left.append(f"link {link.host_if}")
+    if "cut" in link._made and link.ns_ip in _names(["ip", "route", "show", f"{link.ns_ip}/32"]):
+        left.append(f"route {link.ns_ip}")
     return f"shaped_link could not remove {', '.join(left)}; delete by hand" if left else ""
 
 

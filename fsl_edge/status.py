@@ -55,6 +55,9 @@ class RoundRecord(BaseModel):
     participants: list[str]
     """Agents whose adapter was averaged into this round's result."""
     train_loss: float | None = None
+    """Mean training loss of the round, weighted by the tokens each participant trained on."""
+    site_loss: dict[str, float] = Field(default_factory=dict)
+    """Each participant's mean training loss over its steps of the round."""
     heldout_loss: float | None = None
     tokens: int = 0
     seconds: float = 0.0
@@ -89,8 +92,10 @@ class Status(BaseModel):
     """Per message kind, all agents."""
     history: list[RoundRecord] = Field(default_factory=list)
     rejected: dict[str, int] = Field(default_factory=dict)
-    """Messages dropped, by reason (malformed, version, unknown_agent, bad_shape, non_finite,
-    duplicate, wrong_run, late)."""
+    """Messages dropped, by reason: malformed, version, unknown_agent, bad_shape, non_finite,
+    duplicate, wrong_run, late; unsigned, forged, replayed, unknown_node (authentication);
+    rejected, clipped (screened updates); overflow, evicted, queue_full, overload (a resource
+    bound, `runtime.bounds`)."""
     checkpoint: str | None = None
     """Directory of the last checkpoint."""
     layers: list[tuple[int, list[int]]] = Field(default_factory=list)

@@ -111,7 +111,7 @@ def broker_conf(root: Path, client_certificates: bool) -> str:
         return text
     anchor = "\ntls_version "
     if anchor not in text:  # the listener's TLS block is where require_certificate belongs
-        raise ConfigError(f"k8s/base/config/mosquitto.conf has no `tls_version` line to put "
+        raise ConfigError("k8s/base/config/mosquitto.conf has no `tls_version` line to put "
                           "`require_certificate true` after")
     at = text.index("\n", text.index(anchor) + 1)
     return (text[:at] + "\n# mutual TLS (`client_certificates`): a client shows a certificate "

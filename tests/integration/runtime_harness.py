@@ -84,15 +84,31 @@ def finish(fed: Federation, timeout: float = 240) -> Status:
     return Status.model_validate(json.loads((fed.checkpoint_dir / "status.json").read_text()))
 
 
-def assert_matches_simulation(fed: Federation, atol: float = 0.0) -> None:
-    """The run's final adapters equal the in-process simulation's with the same seeds."""
+def final_and_simulated(fed: Federation) -> list[tuple[dict, dict]]:
+    """(the run's final adapter, the in-process simulation's with the same seeds), for the site
+    adapter and the trunk's."""
     latest = fed.checkpoint_dir / (fed.checkpoint_dir / "LATEST").read_text().strip()
     site, server = load_result(latest)
     loaded = load(MODEL)
     sites = load_sites(fed.data_dir, loaded.tokenizer, fed.settings.training.train.max_len,
                        sorted(fed.sites))
     ref = simulate(loaded.model, sites, fed.settings.training, pad_id_of(loaded.tokenizer))
-    for mine, theirs in ((site, ref.site_adapter), (server, ref.server_adapter)):
+    return [(site, ref.site_adapter), (server, ref.server_adapter)]
+
+
+def simulation_gap(fed: Federation) -> float:
+    """The largest difference of any adapter value from the simulation's (inf: other tensors)."""
+    gap = 0.0
+    for mine, theirs in final_and_simulated(fed):
+        if mine.keys() != theirs.keys() or any(mine[k].shape != theirs[k].shape for k in mine):
+            return float("inf")
+        gap = max([gap, *((mine[k] - theirs[k]).abs().max().item() for k in mine)])
+    return gap
+
+
+def assert_matches_simulation(fed: Federation, atol: float = 0.0) -> None:
+    """The run's final adapters equal the in-process simulation's with the same seeds."""
+    for mine, theirs in final_and_simulated(fed):
         assert mine.keys() == theirs.keys()
         for k in mine:
             assert torch.allclose(mine[k], theirs[k], rtol=0, atol=atol), \

@@ -4,32 +4,25 @@ agents unsigned and forged orders to stop. Each is dropped and counted under its
 run completes with exactly the simulation's result: none of it reached the training."""
 
 import dataclasses
-import struct
 import time
-import zlib
 
 import pytest
 
 from fsl_edge import auth, protocol
 from fsl_edge.auth import Signer
-from fsl_edge.errors import ProtocolError
 from fsl_edge.protocol import Envelope, MessageKind, decode_envelope, encode_envelope
 
+from .bad_inputs import first_activation, forgeries
 from .brokers import mqtt_client
 from .runtime_harness import assert_matches_simulation, federation, finish, in_round, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 
-def reseal(data: bytearray) -> bytes:
-    """Recompute the checksum, as an attacker would: the MAC must be what catches the change."""
-    struct.pack_into("<I", data, len(data) - 4, zlib.crc32(bytes(data[:-4])))
-    return bytes(data)
-
-
 def test_forged_replayed_tampered_and_unsigned_messages_are_counted_and_the_run_goes_on(
         tmp_path, mosquitto_server):
-    fed = federation(tmp_path, mosquitto_server.url, rounds=2, steps=60)
+    # long enough to still be training after the forgeries and a 7 s wait (a step takes ms)
+    fed = federation(tmp_path, mosquitto_server.url, rounds=2, steps=400)
     run = fed.settings.runtime.run_id
     # mallory is enrolled (the coordinator holds its key) but runs no agent; revoked mid-run
     mallory_key = auth.new_node_key()
@@ -38,14 +31,7 @@ def test_forged_replayed_tampered_and_unsigned_messages_are_counted_and_the_run_
     captured: list[tuple[str, bytes]] = []
 
     def activation_up():
-        for topic, payload in list(captured):
-            try:
-                env = decode_envelope(payload)
-            except ProtocolError:
-                continue
-            if env.kind is MessageKind.ACTIVATION_UP:
-                return topic, payload, env
-        return None
+        return first_activation(captured)
 
     try:
         with mqtt_client(mosquitto_server, "eve", subscribe=[protocol.topic_all_up(run)],
@@ -63,20 +49,10 @@ def test_forged_replayed_tampered_and_unsigned_messages_are_counted_and_the_run_
             def heartbeat(run_id: str = run, sender: str = agent) -> Envelope:
                 return Envelope(MessageKind.HEARTBEAT, run_id, sender, seq=seq)
 
-            # (a) unsigned
-            send(topic, encode_envelope(heartbeat()))
-            # (b) forged: a MAC under a key that is not the agent's
-            send(topic, encode_envelope(heartbeat(), Signer(agent, auth.node_key(auth.new_node_key())), topic))
-            # (c) a replay of the captured genuine activation
-            send(topic, genuine)
-            # (d) the same, one byte of its last tensor's payload flipped (just before the MAC)
-            tampered = bytearray(genuine)
-            tampered[-4 - auth.MAC_BYTES[auth.Scheme.HMAC_SHA256] - 1] ^= 0x01
-            send(topic, reseal(tampered))
-            # (e) a node never enrolled, signing with a key of its own
-            intruder = Signer("intruder", auth.node_key(auth.new_node_key()))
-            intruder_up = protocol.topic_up(run, "intruder")
-            send(intruder_up, encode_envelope(heartbeat(sender="intruder"), intruder, intruder_up))
+            # (a)-(e): unsigned, a MAC under a key not the agent's, the capture replayed, the
+            # capture with one byte flipped, a node never enrolled signing with a key of its own
+            for bad in forgeries(topic, genuine, seq):
+                send(bad.topic, bad.payload)
             # (f) an enrolled node, signing an envelope of another run on this run's topic
             send(up, encode_envelope(heartbeat("other-run", "mallory"), mallory, up))
             # (g) mallory while enrolled (authentic, but no agent of the run: unknown_agent), then

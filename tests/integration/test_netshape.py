@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -113,6 +114,44 @@ def test_round_trip_takes_the_rtt(link):
     fastest = min(result["seconds"]) * 1000
     assert fastest >= RTT_MS - 5, f"a round trip took {fastest:.1f} ms; the link has {RTT_MS} ms ({link.describe()})"
     assert fastest <= RTT_MS * 2, f"a round trip took {fastest:.1f} ms, far above {RTT_MS} ms"
+
+
+# Runs inside the namespace: one echo before, then waits for the word "cut" on stdin, tries a
+# new connection (must fail), and echoes again on the first one once healed.
+PARTITIONED = """
+import socket, sys, time
+host, port = sys.argv[1], int(sys.argv[2])
+s = socket.create_connection((host, port), timeout=5)
+s.sendall(b"a"); assert s.recv(1) == b"a"
+print("ready", flush=True); sys.stdin.readline()
+try:
+    socket.create_connection((host, port), timeout=2); print("connected", flush=True)
+except OSError as e:
+    print("refused", type(e).__name__, flush=True)
+s.settimeout(30); s.sendall(b"b"); print("echo", s.recv(1).decode(), flush=True)
+"""
+
+
+def test_a_partition_cuts_both_ways_and_a_heal_resumes_the_same_connection(link):
+    with tcp_server(link.bind_host, echo) as port:
+        host, relay_port = link.endpoint(port)
+        client = subprocess.Popen(link.wrap([sys.executable, "-c", PARTITIONED, host, str(relay_port)]),
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            assert client.stdout.readline().strip() == "ready"
+            link.partition()
+            client.stdin.write("cut\n")
+            client.stdin.flush()
+            assert client.stdout.readline().split()[0] == "refused"  # no new connection gets through
+            time.sleep(1.0)  # the byte sent on the open connection is retransmitted meanwhile
+            link.heal()
+            assert client.stdout.readline().strip() == "echo b"  # the old connection carries on
+        finally:
+            link.heal()
+            client.kill()
+            client.wait()
+    routes = subprocess.run(["ip", "route"], capture_output=True, text=True).stdout
+    assert link.ns_ip not in routes
 
 
 def test_nothing_is_left_behind_even_after_an_error():

@@ -5,14 +5,12 @@ split server's fixed order and the agents' replay make them equal bit for bit, s
 or applied twice" is checked on the numbers themselves, not on log lines.
 """
 
-import signal
-
 import pytest
 
 from fsl_edge.config import PrefixSettings, SelectionSettings, SplitMode
 
-from .runtime_harness import (assert_matches_simulation, assert_on_the_ledger, federation, finish,
-                              in_round, wait_for)
+from . import faults
+from .runtime_harness import assert_matches_simulation, assert_on_the_ledger, federation, finish
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
 
@@ -111,19 +109,8 @@ def test_coordinator_killed_mid_round_resumes_from_its_checkpoint(tmp_path, mosq
     # with a frozen prefix whose activations the server keeps (keys instead of activations) and
     # layer selection: the new coordinator holds no copies, and its trunk's selection comes
     # back from the checkpoint
-    fed = federation(tmp_path, mosquitto_server.url, rounds=3, steps=25,
-                     prefix=PrefixSettings(frozen=2, send_keys=True, backend="torch"),
-                     selection=SelectionSettings(policy="topk-gradnorm", fraction=0.5))
-    try:
-        fed.start()
-        wait_for(in_round(fed, 2, 3), 180, "round 2 under way", fed)
-        killed = fed.processes.pop("coordinator")
-        killed.send_signal(signal.SIGKILL)
-        killed.wait()
-        fed.start_coordinator()  # same checkpoint folder: it resumes after round 1
-        status = finish(fed)
-    finally:
-        fed.stop()
+    out = faults.coordinator_killed(tmp_path, mosquitto_server)
+    fed, status = out.fed, out.status
     assert [r.round for r in status.history] == [1, 2, 3]
     # the registry came back from the checkpoint: contributions before the crash still count
     assert sum(a.tokens for a in status.agents.values()) == sum(r.tokens for r in status.history)
@@ -137,17 +124,8 @@ def test_coordinator_killed_mid_round_resumes_from_its_checkpoint(tmp_path, mosq
 
 
 def test_broker_restarted_mid_run_loses_nothing(tmp_path, mosquitto_factory):
-    broker = mosquitto_factory()
-    fed = federation(tmp_path, broker.url, rounds=2, steps=25)
-    try:
-        fed.start()
-        wait_for(in_round(fed, 1, 5), 180, "round 1 under way", fed)
-        broker.stop()
-        wait_for(lambda: fed.status() is not None and fed.status().round >= 1, 5, "status")
-        broker.start()  # same port: paho reconnects, requests unanswered are sent again
-        status = finish(fed)
-    finally:
-        fed.stop()
+    out = faults.broker_restarted(tmp_path, mosquitto_factory())
+    fed, status = out.fed, out.status
     assert status.state == "finished"
     # the fault really hit every process: each lost its connection and got it back
     for log in (fed.workdir / "logs").glob("*.log"):
@@ -156,19 +134,8 @@ def test_broker_restarted_mid_run_loses_nothing(tmp_path, mosquitto_factory):
 
 
 def test_agent_killed_mid_round_round_closes_on_quorum_and_agent_rejoins(tmp_path, mosquitto_server):
-    sites = ("circulatory", "injury", "neoplasms")
-    fed = federation(tmp_path, mosquitto_server.url, sites=sites, rounds=10, steps=20)
-    try:
-        fed.start()
-        wait_for(in_round(fed, 1, 4), 180, "round 1 under way", fed)
-        killed = fed.processes.pop("agent-injury")
-        killed.send_signal(signal.SIGKILL)
-        killed.wait()
-        fed.start_agent("injury")  # restarts at once; resumes from its own saved state
-        wait_for(lambda: (s := fed.status()) and len(s.history) >= 1, 120, "round 1 closed", fed)
-        status = finish(fed)
-    finally:
-        fed.stop()
+    out = faults.agent_killed(tmp_path, mosquitto_server)
+    status = out.status
     rounds = {r.round: r.participants for r in status.history}
     assert sorted(rounds) == list(range(1, 11))
     assert rounds[1] == ["circulatory", "neoplasms"]  # closed without the dead agent
@@ -176,3 +143,5 @@ def test_agent_killed_mid_round_round_closes_on_quorum_and_agent_rejoins(tmp_pat
     for agent, st in status.agents.items():  # each contribution counted once
         assert st.rounds_contributed == sum(agent in p for p in rounds.values())
     assert sum(r.tokens for r in status.history) == sum(a.tokens for a in status.agents.values())
+    books = faults.books(out.fed, status)  # every round an agent finished was averaged in, once
+    assert not books.lost and not books.unexplained and not books.twice, books
