@@ -11,7 +11,10 @@ import typer
 from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
-from typer._click.exceptions import ClickException  # typer 0.29 vendors click here
+try:  # typer >= 0.29 vendors click here; older typers (flwr, the `bench` extra, pins < 0.21) use click
+    from typer._click.exceptions import ClickException
+except ImportError:
+    from click.exceptions import ClickException
 
 from fsl_edge.config_file import settings_error
 from fsl_edge.errors import FslError

@@ -31,8 +31,10 @@ from fsl_edge.errors import TemporaryError
 from fsl_edge.status import Status
 
 
-# Keys a process must not inherit from the shell: the run's own (or none) are passed explicitly.
-_AUTH_ENV = (auth.NODE_KEY_ENV, auth.COORDINATOR_PUBKEY_ENV, auth.NODE_KEYS_DIR_ENV, auth.SIGNING_KEY_ENV)
+# Keys and broker logins a process must not inherit from the shell: the run's own (or none)
+# are passed explicitly.
+_AUTH_ENV = (auth.NODE_KEY_ENV, auth.COORDINATOR_PUBKEY_ENV, auth.NODE_KEYS_DIR_ENV, auth.SIGNING_KEY_ENV,
+             *(f"FSL_MQTT_{k}" for k in ("USERNAME", "PASSWORD", "CA_FILE", "CERT_FILE", "KEY_FILE")))
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,9 @@ class Federation:
     """The sites agent_wrap and agent_broker apply to; None: every site."""
     keys: LocalKeys | None = None
     """The run's message keys; None: nothing is signed or checked."""
+    broker_env: dict[str, dict[str, str]] = field(default_factory=dict)
+    """"coordinator" or a site -> its broker login (FSL_MQTT_*), as a deployment's Secret or a
+    site bundle's agent.env gives it; none: the broker admits anyone (`fsl-edge up`)."""
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -109,8 +114,9 @@ class Federation:
         config = self.workdir / "coordinator.yaml"
         dump_settings(self.settings, config)
         self.status_url = f"http://{self.settings.status_host}:{self.settings.status_port}"
-        keys = self.keys.coordinator_env(self.workdir / "keys") if self.keys else None
-        self._spawn("coordinator", ["coordinator", "--config", str(config)], keys=keys)
+        keys = self.keys.coordinator_env(self.workdir / "keys") if self.keys else {}
+        self._spawn("coordinator", ["coordinator", "--config", str(config)],
+                    keys={**keys, **self.broker_env.get("coordinator", {})})
 
     def start_agent(self, name: str) -> None:
         """Start (or restart: it resumes from its own state) the agent of site `name`."""
@@ -121,7 +127,7 @@ class Federation:
             "agent", "--id", name, "--data", str(site_files(self.data_dir)[name][0]),
             "--broker", (self.agent_broker if wrapped else None) or rt.broker, "--run-id", rt.run_id,
             "--workdir", str(self.workdir / "agents" / name)], self.agent_wrap if wrapped else None,
-            self.keys.agent_env(name) if self.keys else None)
+            {**(self.keys.agent_env(name) if self.keys else {}), **self.broker_env.get(name, {})})
 
     def status(self) -> Status | None:
         """The coordinator's status, or None while it is not serving yet."""
