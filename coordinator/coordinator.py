@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import torch
 
 from fsl_edge import protocol
-from fsl_edge.compression import Downlink, StepCodec
+from fsl_edge.compression import Downlink, StepCodec, apply
 from fsl_edge.ledger import LEDGER, Ledger
-from fsl_edge.robust import Quarantine, aggregate_round
+from fsl_edge.robust import Quarantine, Verdict, aggregate_round
 from fsl_edge.errors import CodecError, ProtocolError
 from fsl_edge.protocol import Envelope, MessageKind
 from fsl_edge.split import check_parity, discover
@@ -32,6 +32,7 @@ from fsl_edge.wire import (Address, adapter_envelope, adapter_state, meta_number
 
 from . import checkpoint
 from .settings import CoordinatorSettings
+from .fleet import Fleet
 from .split_server import SplitServer
 
 log = logging.getLogger("fsl_edge.coordinator")
@@ -61,6 +62,7 @@ class Coordinator:
         options = party_options(settings.training)
         self.trunk = ServerPart(copy.deepcopy(model), self.cut, lora, train.lr, **options)
         self.site_adapter = SitePart(copy.deepcopy(model), self.cut, lora, train.lr, **options).adapter()
+        self.fleet = Fleet(settings.training, model)
         self.pipes = settings.training.compression.pipelines()
         self.split = SplitServer(self.trunk, self.run_id, StepCodec(self.pipes))
         # the site adapter as the agents hold it; it moves by (compressed) deltas
@@ -82,6 +84,7 @@ class Coordinator:
         self.round_started = 0.0
         self.start_msg: Envelope | None = None
         self.start_full: Envelope | None = None  # the same start with the adapter in full
+        self.starts: dict[str, tuple[Envelope, dict]] = {}  # hetero: each agent's start, its base
         self.published = self.status.model_copy(deep=True)
         ckpt = checkpoint.load(settings.checkpoint_dir, self.trunk, settings.fingerprint())
         if ckpt is not None:
@@ -254,7 +257,8 @@ class Coordinator:
             self.send(agent, Envelope(MessageKind.ROUND_END, self.run_id, agent, self.round,
                                       meta={"finished": True}))
         elif self.active and agent in self.members and agent not in self.uploads:
-            self.send(agent, self.start_full if full else self.start_msg)
+            self.send(agent, self.starts[agent][0] if self.fleet.hetero
+                      else self.start_full if full else self.start_msg)
 
     def on_step(self, agent: str, env: Envelope) -> None:
         # the content is checked first, whatever the round: a bad tensor is refused as such
@@ -280,7 +284,8 @@ class Coordinator:
                         f"{env.meta.get('version')!r}, this round's is {self.version!r}")
             return self.instruct(agent, full=True)  # it trained from another copy: redo it
         try:
-            state = adapter_state(env, self.site_adapter, protocol.Limits().max_tensor_bytes)
+            base = self.starts[agent][1] if self.fleet.hetero else self.site_adapter
+            state = adapter_state(env, base, protocol.Limits().max_tensor_bytes)
         except ProtocolError as e:
             if "non-finite" not in str(e):
                 raise
@@ -341,6 +346,17 @@ class Coordinator:
         agents = [a for a in self.online() if a not in excluded]
         if len(agents) < need:
             return
+        if self.round == 0 and self.attempts == 0 and self.fleet.needs_rebuild(agents, self.trunk):
+            # the first round's agents name their cuts and ranks: the trunk serves those
+            self.trunk, self.site_adapter = self.fleet.build(agents)
+            self.split.part = self.trunk
+        unserved = [a for a in agents if self.fleet.setup(a).ab not in self.trunk.cuts]
+        for agent in unserved:
+            log.warning("%s is pinned to cut %s, which the trunk does not serve; it waits",
+                        agent, self.fleet.setup(agent).ab)
+        agents = [a for a in agents if a not in unserved]
+        if len(agents) < need:
+            return
         self.round += 1
         self.attempts += 1
         self.attempt = f"{self.incarnation}-{self.attempts}"
@@ -353,6 +369,21 @@ class Coordinator:
         train = self.settings.training.train
         self.split.begin_round(self.round, agents, train.steps)
         base_version = self.version
+        if self.fleet.hetero:  # each agent its own blocks at its own rank, in full
+            self.downlink.version += 1
+            at = Address(self.run_id, "", self.round)
+            meta = {"steps": train.steps, "attempt": self.attempt, "participants": agents,
+                    "version": self.version, "full": True}
+            self.starts = {}
+            for agent in agents:
+                view = self.fleet.view(self.site_adapter, agent)
+                self.starts[agent] = (adapter_envelope(MessageKind.ROUND_START, view, at, meta,
+                                                       self.pipes.full_download), view)
+            self.status.state, self.status.round, self.status.step = "training", self.round, 0
+            log.info("round %d starts with %s", self.round, ", ".join(agents))
+            for agent in agents:
+                self.send(agent, self.starts[agent][0])
+            return
         delta = self.downlink.advance(self.site_adapter)
         meta = {"steps": train.steps, "attempt": self.attempt, "participants": agents,
                 "version": self.version}
@@ -381,10 +412,17 @@ class Coordinator:
             return
         names = sorted(self.uploads)
         robust = self.settings.training.robust
-        self.site_adapter, outcome = aggregate_round(
-            self.site_adapter, [self.uploads[a].state for a in names],
-            [self.uploads[a].tokens for a in names], robust, self.settings.training.train.server_lr)
-        verdicts = dict(zip(names, outcome.verdicts))
+        if self.fleet.hetero:  # per-layer FedAvg across cuts and ranks (check_hetero: no screens)
+            self.site_adapter = self.fleet.close(
+                {a: (apply(self.starts[a][1], self.uploads[a].state), self.uploads[a].tokens)
+                 for a in names}, self.trunk)
+            verdicts = {a: Verdict("accepted", 0.0) for a in names}
+        else:
+            self.site_adapter, outcome = aggregate_round(
+                self.site_adapter, [self.uploads[a].state for a in names],
+                [self.uploads[a].tokens for a in names], robust,
+                self.settings.training.train.server_lr)
+            verdicts = dict(zip(names, outcome.verdicts))
         rejected = [(a, v.status + ": " + v.reason, self.uploads[a].state)
                     for a, v in verdicts.items() if v.flagged]
         for agent, reason, _ in rejected:

@@ -10,6 +10,7 @@ from fsl_edge import protocol
 from fsl_edge.auth import agent_authenticator
 from fsl_edge.data import BatchStream, examples_digest, load_samples, pad_id_of, tokenize
 from fsl_edge.models import load
+from fsl_edge.nodes import node_setup
 from fsl_edge.config import LearningSettings
 from fsl_edge.simulation import site_seed
 from fsl_edge.split import discover
@@ -32,16 +33,17 @@ def builder(settings: AgentSettings):
                       quantize=training.lora.quantize)
         examples = tokenize(load_samples(settings.data), loaded.tokenizer, train.max_len)
         torch.manual_seed(train.seed)
-        cut = training.split.cut(discover(loaded.model).n_blocks)
-        training.check_prefix(cut)
-        part = SitePart(loaded.model, cut, training.lora, train.lr, **party_options(training),
+        # its own cut and rank: pinned for it by name, else the run's (validated like the run's)
+        setup = node_setup(training, discover(loaded.model).n_blocks, settings.agent_id)
+        cut = setup.cut
+        part = SitePart(loaded.model, cut, setup.lora, train.lr, **party_options(training),
                         cache=(settings.cache_dir or settings.workdir / "cache", settings.cache_bytes))
         part.data_digest = examples_digest(examples)
         part.prefix.prepare(training.prefix.frozen)  # the LoRA-free prefix: the same all run
         stream = BatchStream(examples, train.batch_size, site_seed(train.seed, settings.agent_id),
                              pad_id_of(loaded.tokenizer))
-        log.info("%s: %d examples, cut %d/%d (%s)", settings.agent_id, len(examples), cut.a,
-                 cut.b, cut.mode.value)
+        log.info("%s: %d examples, cut %d/%d (%s), rank %d", settings.agent_id, len(examples),
+                 cut.a, cut.b, cut.mode.value, setup.lora.rank)
         return part, stream
 
     return build

@@ -11,6 +11,7 @@ from enum import Enum
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .errors import SplitError
+from .planner_settings import PlannerSettings
 
 
 class SplitMode(str, Enum):
@@ -271,6 +272,10 @@ class LearningSettings(_Strict):
     prefix: PrefixSettings = Field(default_factory=PrefixSettings)
     selection: SelectionSettings = Field(default_factory=SelectionSettings)
     robust: RobustSettings = Field(default_factory=RobustSettings)
+    planner: PlannerSettings = Field(default_factory=PlannerSettings)
+    """A cut and LoRA rank per node (fsl_edge.nodes): planned from the agents' profiles when
+    `planner.enabled`, else pinned per node in `planner.pins`; nodes without either take `split`
+    and `lora.rank`. Different cuts or ranks are aggregated per layer (fsl_edge.hetero)."""
 
     @model_validator(mode="after")
     def _prefix_fits(self) -> LearningSettings:

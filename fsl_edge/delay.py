@@ -34,6 +34,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from .config import SplitMode
+from .planner_settings import CodecOption  # noqa: F401 - its home before the settings moved
 from .profile import NodeProfile
 
 ADAM_BYTES = 16  # per LoRA parameter: fp32 weight, gradient and AdamW's two moments
@@ -116,18 +117,6 @@ class Workload(_Frozen):
     @property
     def tokens(self) -> int:
         return self.batch * self.seq
-
-
-class CodecOption(_Frozen):
-    """A step codec the planner may give a node, with its measured (or configured) effect."""
-
-    name: str
-    ratio: float = Field(1.0, gt=0)
-    """Raw bytes / wire bytes of activations and gradients (1: sent as is)."""
-    bytes_per_s: float | None = Field(None, gt=0)
-    """Encode + decode throughput over raw bytes; None: negligible."""
-    adapter_ratio: float = Field(1.0, gt=0)
-    """Raw bytes / wire bytes of the per-round adapter exchange."""
 
 
 class Candidate(NamedTuple):

@@ -58,8 +58,10 @@ class ActivationUp(_Message):
     prefix: str | None = None  # fingerprint of the prefix the keys' activations come from
     need_grad: bool = True  # False: nothing below the cut trains, send no gradient back
     epoch: int = 0  # the site's epoch: the server re-selects its layers when it advances
+    a: int | None = None  # the site's cut: the trunk runs [a, b) for it (None: the server's own)
+    b: int | None = None
     kind = ACTIVATION_UP
-    META = {"prefix": str, "need_grad": bool, "epoch": int}
+    META = {"prefix": str, "need_grad": bool, "epoch": int, "a": int, "b": int}
 
     def validate(self, hidden_size: int) -> None:
         """Reject a message whose shapes or values cannot be what a site computes."""

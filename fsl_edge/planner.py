@@ -27,46 +27,17 @@ from __future__ import annotations
 from bisect import bisect_right
 from collections.abc import Mapping
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 
 from .config import SplitMode
-from .delay import Candidate, CodecOption, Estimate, ModelSpec, Workload, estimate, makespan
+from .delay import Candidate, CodecOption, Estimate, ModelSpec, Workload, estimate, makespan  # noqa: F401  (CodecOption: re-exported)
 from .errors import ConfigError
+from .planner_settings import Pin, PlannerSettings
 from .profile import NodeProfile
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Pin(_Strict):
-    """Fix any of a node's choices by config; the planner chooses the rest."""
-
-    front: int | None = Field(None, ge=1)
-    """The cut a."""
-    back: int | None = Field(None, ge=0)
-    """u-shape: blocks after the trunk, L - b."""
-    rank: int | None = Field(None, ge=1)
-    codec: str | None = None
-
-
-class PlannerSettings(_Strict):
-    """The candidates the planner searches, and the pins."""
-
-    fronts: tuple[int, ...] | None = None
-    """Candidate cuts a; None: 1 .. L - 2."""
-    backs: tuple[int, ...] | None = None
-    """u-shape candidates for L - b; None: 1 .. L - 2. Vanilla has none (b = L)."""
-    ranks: tuple[int, ...] = (4, 8, 16)
-    """Candidate site LoRA ranks (aggregated across ranks by fsl_edge.hetero)."""
-    codecs: tuple[CodecOption, ...] = (CodecOption(name="lossless"),)
-    """Step codecs a node may get, least lossy first; their ratios measured or configured."""
-    memory_fraction: float = Field(0.9, gt=0, le=1)
-    """Of a node's measured memory, what a plan may fill (the estimate is not exact)."""
-    slack: float = Field(0.0, ge=0)
-    """How far above the optimal makespan the nodes' preferences may take it (0.05: 5 %)."""
-    pins: dict[str, Pin] = Field(default_factory=dict)
-    """Per node id: choices fixed by config."""
 
 
 class NodePlan(_Strict):

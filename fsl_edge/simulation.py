@@ -17,8 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from .compression import Downlink, StepCodec, Uplink, payload_bytes
+from .compression import Downlink, StepCodec, Uplink, apply, payload_bytes
 from .config import LearningSettings
+from .errors import ConfigError
+from .hetero import hand_back
+from .nodes import check_hetero, close_round, initial_global, node_setup, uniform
 from .data import Batch, BatchStream, Example, collate, examples_digest
 from .messages import ADAPTER_DOWN, ADAPTER_UP, KINDS
 from .robust import aggregate_round
@@ -83,25 +86,44 @@ def heldout_losses(evaluate: Callable[[Batch], tuple[float, int]],
 
 def simulate(model: torch.nn.Module, sites: Sequence[SiteData], settings: LearningSettings,
              pad_id: int, on_round: Callable[[RoundMetrics], None] | None = None,
-             cache_dir: Path | None = None, cache_bytes: int = 1 << 30) -> SimulationResult:
+             cache_dir: Path | None = None, cache_bytes: int = 1 << 30,
+             plan=None) -> SimulationResult:
     """Train `model` split between len(sites) simulated sites and one server; see module doc.
-    `cache_dir`: each site's prefix activation cache goes in a folder of its name there."""
+    `cache_dir`: each site's prefix activation cache goes in a folder of its name there.
+    `plan` (a planner.Plan): each site's cut and rank; else the pins, else the run's split."""
     train = settings.train
+    if settings.planner.enabled and plan is None:
+        raise ConfigError("planner.enabled: the simulation needs the plan (planner.plan on the "
+                          "nodes' profiles); or pin each site's cut and rank in planner.pins")
     torch.manual_seed(train.seed)
-    cut = settings.split.cut(discover(model).n_blocks)
-    settings.check_prefix(cut)
-    check_parity(discover(model), (cut.a, cut.b) if cut.b < cut.n else (cut.a,))
-    server = ServerPart(copy.deepcopy(model), cut, settings.lora, train.lr, **party_options(settings))
-    parts = [SitePart(copy.deepcopy(model), cut, settings.lora, train.lr, **party_options(settings),
+    n_blocks = discover(model).n_blocks
+    setups = {s.name: node_setup(settings, n_blocks, s.name, plan) for s in sites}
+    hetero = not uniform(setups)
+    if hetero:
+        check_hetero(settings)
+    cut = setups[sites[0].name].cut
+    for c in {st.cut for st in setups.values()}:
+        check_parity(discover(model), (c.a, c.b) if c.b < c.n else (c.a,))
+    server = ServerPart(copy.deepcopy(model), cut, settings.lora, train.lr, **party_options(settings),
+                        cuts=[st.ab for st in setups.values()])
+    parts = [SitePart(copy.deepcopy(model), setups[s.name].cut, setups[s.name].lora, train.lr,
+                      **party_options(settings),
                       cache=None if cache_dir is None else (Path(cache_dir) / s.name, cache_bytes))
              for s in sites]
     for part, s in zip(parts, sites):
         part.data_digest = examples_digest(s.train)
         part.prefix.prepare(settings.prefix.frozen)  # an export, as agents do before their rounds
     site_adapter = parts[0].adapter()  # one common initialisation, as the coordinator sends it
+    if hetero:  # every party starts from its truncation of one initialisation of every block
+        top = max([settings.lora.rank] + [st.lora.rank for st in setups.values()])
+        site_adapter = initial_global(model, settings.lora, top, train.seed)
+        for part in [server, *parts]:
+            part.load_adapter(hand_back(site_adapter, part.adapter(), settings.lora.alpha))
     streams = [BatchStream(s.train, train.batch_size, site_seed(train.seed, s.name), pad_id)
                for s in sites]
     heldout = {s.name: eval_batches(s.heldout, train.batch_size, pad_id) for s in sites}
+    # hetero: each site's held-out data through its own part (its blocks at its rank, its cut)
+    owner = {id(b): part for s, part in zip(sites, parts) for b in heldout[s.name]}
 
     def evaluate_round(r: int, losses, tokens, sent, started) -> RoundMetrics:
         seconds = time.perf_counter() - started
@@ -112,8 +134,11 @@ def simulate(model: torch.nn.Module, sites: Sequence[SiteData], settings: Learni
                   **{s.name: sorted(p.selector.trainable) for s, p in zip(sites, parts)}}
         for p in parts:
             p.front_seconds = 0.0
-        parts[0].load_adapter(site_adapter)
-        per, overall = heldout_losses(lambda b: split_eval(parts[0], server, b), heldout)
+        if hetero:
+            per, overall = heldout_losses(lambda b: split_eval(owner[id(b)], server, b), heldout)
+        else:
+            parts[0].load_adapter(site_adapter)
+            per, overall = heldout_losses(lambda b: split_eval(parts[0], server, b), heldout)
         metrics = RoundMetrics(r, losses, per, overall, tokens, sent, seconds, front,
                                {k: v - counted.get(k, 0) for k, v in cache.items()}, layers)
         counted.update(cache)
@@ -129,13 +154,18 @@ def simulate(model: torch.nn.Module, sites: Sequence[SiteData], settings: Learni
     for r in range(1, train.rounds + 1):
         started = time.perf_counter()
         sent = dict.fromkeys(KINDS, 0)
-        # as the coordinator does: a delta when the agents hold the last copy, else in full
-        delta = downlink.advance(site_adapter)
-        sent[ADAPTER_DOWN] = len(sites) * (payload_bytes(downlink.shared, pipes.full_download) if delta is None
-                                           else payload_bytes(delta, pipes.download))
-        base = downlink.shared
-        for part in parts:
-            part.load_adapter(base)
+        if hetero:  # each site holds its own hand-back, sent to it in full
+            bases = [part.adapter() for part in parts]
+            sent[ADAPTER_DOWN] = sum(payload_bytes(b, pipes.full_download) for b in bases)
+        else:
+            # as the coordinator does: a delta when the agents hold the last copy, else in full
+            delta = downlink.advance(site_adapter)
+            sent[ADAPTER_DOWN] = len(sites) * (payload_bytes(downlink.shared, pipes.full_download)
+                                               if delta is None else payload_bytes(delta, pipes.download))
+            base = downlink.shared
+            bases = [base] * len(sites)
+            for part in parts:
+                part.load_adapter(base)
         losses = {s.name: 0.0 for s in sites}
         tokens = {s.name: 0 for s in sites}
         for _ in range(train.steps):
@@ -146,12 +176,24 @@ def simulate(model: torch.nn.Module, sites: Sequence[SiteData], settings: Learni
                 for kind, n in result.bytes.items():
                     sent[kind] += n
         deltas = []
-        for part, uplink in zip(parts, uplinks):
-            send, decoded = uplink.delta(part.adapter(), base)
+        for part, uplink, b in zip(parts, uplinks, bases):
+            send, decoded = uplink.delta(part.adapter(), b)
             sent[ADAPTER_UP] += payload_bytes(send, pipes.upload)
             deltas.append(decoded)
-        site_adapter, _ = aggregate_round(site_adapter, deltas, [tokens[s.name] for s in sites],
-                                          settings.robust, train.server_lr)
+        if hetero:
+            received = {s.name: (apply(b, d), tokens[s.name]) for s, b, d in zip(sites, bases, deltas)}
+            site_adapter, back, trunk = close_round(
+                received, {n: st.ab for n, st in setups.items()}, server.adapter(), settings.lora,
+                server.parts.blocks_name)
+            server.load_adapter(trunk)
+            for s, part in zip(sites, parts):
+                part.load_adapter(back[s.name])
+        else:
+            site_adapter, _ = aggregate_round(site_adapter, deltas, [tokens[s.name] for s in sites],
+                                              settings.robust, train.server_lr)
         history.append(evaluate_round(r, losses, tokens, sent, started))
-    return SimulationResult(history, site_adapter, server.adapter(),
-                            {"cut": cut.model_dump(mode="json"), "sites": [s.name for s in sites]})
+    meta = {"cut": cut.model_dump(mode="json"), "sites": [s.name for s in sites]}
+    if hetero:
+        meta["nodes"] = {n: {"a": st.cut.a, "b": st.cut.b, "rank": st.lora.rank}
+                         for n, st in setups.items()}
+    return SimulationResult(history, site_adapter, server.adapter(), meta)

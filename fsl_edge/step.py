@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -146,7 +147,7 @@ class SitePart(_Party):
         h = run_blocks(self.parts, h, frozen, self.cut.a, batch.attention_mask, pos)
         labels = batch.labels if self.cut.mode is SplitMode.VANILLA else None
         return ActivationUp(h, batch.attention_mask, pos, labels, need_grad=self.front_trains,
-                            epoch=batch.epoch)
+                            epoch=batch.epoch, a=self.cut.a, b=self.cut.b)
 
     def _with_keys(self, up: ActivationUp, batch: Batch, fingerprint: str) -> None:
         wire = hashlib.sha256(f"{fingerprint}:{self.data_digest}".encode()).hexdigest()[:32]
@@ -214,22 +215,37 @@ class ServerPart(_Party):
     """What the split server runs: the trunk, blocks [a, b) (vanilla: [a, L) + head + loss).
 
     One trunk copy serves every site in turn (SplitFed-V2); the activations of each step in
-    flight are kept under the caller's key until its gradient comes back.
+    flight are kept under the caller's key until its gradient comes back. Sites may have
+    different cuts (`cuts`, default: `cut` alone): the copy holds LoRA on the union of their
+    trunks and runs, for each request, the [a, b) its message names.
     """
 
     def __init__(self, model: nn.Module, cut: Cut, lora: LoraSettings, lr: float,
                  prefix: PrefixSettings | None = None, selection: SelectionSettings | None = None,
-                 seed: int = 0, **kw):
-        super().__init__(model, cut, cut.server_blocks, lora, lr, selection=selection, seed=seed,
-                         **kw)
+                 seed: int = 0, cuts: Iterable[tuple[int, int]] | None = None, **kw):
+        self.cuts = frozenset(cuts or [(cut.a, cut.b)])
+        for a, b in self.cuts:
+            Cut(mode=cut.mode, a=a, b=b, n=cut.n).check()
+        blocks = sorted({i for a, b in self.cuts for i in range(a, b)})
+        super().__init__(model, cut, blocks, lora, lr, selection=selection, seed=seed, **kw)
         self.store = PrefixStore((prefix or PrefixSettings()).server_max_bytes)
         self.site_epochs: dict[str, int] = {}  # the last epoch each site said it is in
         self._pending: dict[object, tuple[torch.Tensor, torch.Tensor]] = {}
 
+    def cut_of(self, up: ActivationUp) -> tuple[int, int]:
+        """The (a, b) a request names (none: the server's own), or ProtocolError if not served."""
+        if (up.a is None) != (up.b is None):
+            raise ProtocolError(f"an activation names the cut a={up.a}, b={up.b}: give both or neither")
+        ab = (self.cut.a, self.cut.b) if up.a is None else (up.a, up.b)
+        if ab not in self.cuts:
+            raise ProtocolError(f"cut {ab} is not served by this split server: it serves "
+                                f"{', '.join(map(str, sorted(self.cuts)))}")
+        return ab
+
     def trunk(self, up: ActivationUp) -> torch.Tensor:
-        """Blocks [a, b) on the site's activation; returns the trunk output (B, T, C)."""
-        return run_blocks(self.parts, up.hidden, self.cut.a, self.cut.b, up.attention_mask,
-                          up.position_ids)
+        """Blocks [a, b) of the site's cut on its activation; returns the trunk output (B, T, C)."""
+        a, b = self.cut_of(up)
+        return run_blocks(self.parts, up.hidden, a, b, up.attention_mask, up.position_ids)
 
     def trunk_loss(self, up: ActivationUp) -> torch.Tensor:
         """Vanilla: the trunk, then norm, head and the loss on the labels the site sent."""
@@ -240,6 +256,7 @@ class ServerPart(_Party):
         `site` names the sender: its keys index its own copies. MissingKeys when keys stand for
         copies this server no longer holds."""
         up.validate(self.parts.hidden_size)
+        a, b = self.cut_of(up)  # before anything is stored for a request this server cannot run
         # the trunk re-selects its layers when the first site starts a new epoch; a site can
         # move on by one epoch at a time (it may go back: a replayed round rewinds it)
         ceiling = max(self.site_epochs.get(site, 0), self.selector.epoch) + 1
@@ -256,7 +273,7 @@ class ServerPart(_Party):
                 self.store.put(site, up.prefix, keys, hidden, up.attention_mask)
         on = lambda t: None if t is None else t.to(self.device)  # noqa: E731
         up = ActivationUp(on(hidden).detach().requires_grad_(up.need_grad), on(up.attention_mask),
-                          on(up.position_ids), on(up.labels))
+                          on(up.position_ids), on(up.labels), a=a, b=b)
         if self.cut.mode is SplitMode.VANILLA:
             if up.labels is None:
                 raise ProtocolError("vanilla mode needs the labels in the activation message")

@@ -74,6 +74,15 @@ def in_round(fed: Federation, round_: int, step: int):
     return check
 
 
+def run_to_end(fed: Federation, timeout: float = 240) -> Status:
+    """Start the federation, let it finish (`finish`), stop whatever is left either way."""
+    try:
+        fed.start()
+        return finish(fed, timeout)
+    finally:
+        fed.stop()
+
+
 def finish(fed: Federation, timeout: float = 240) -> Status:
     """Wait for the coordinator to finish, every agent to exit cleanly; return the last status."""
     wait_for(fed.coordinator_done, timeout, "the coordinator to finish", fed)

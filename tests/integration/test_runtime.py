@@ -10,18 +10,14 @@ import pytest
 from fsl_edge.config import PrefixSettings, SelectionSettings, SplitMode
 
 from . import faults
-from .runtime_harness import assert_matches_simulation, assert_on_the_ledger, federation, finish
+from .runtime_harness import run_to_end, assert_matches_simulation, assert_on_the_ledger, federation
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
 
 
 def test_two_agents_two_rounds_on_mosquitto_equal_the_simulation(tmp_path, mosquitto_server):
     fed = federation(tmp_path, mosquitto_server.url)
-    try:
-        fed.start()
-        status = finish(fed)
-    finally:
-        fed.stop()
+    status = run_to_end(fed)
     assert status.state == "finished" and len(status.history) == 2
     assert all(r.participants == sorted(fed.sites) for r in status.history)
     assert status.traffic["activation_up"].messages == 2 * 2 * 3
@@ -33,11 +29,7 @@ def test_a_compressed_run_equals_the_compressed_simulation(tmp_path, mosquitto_s
     # int4 steps, top-k adapter deltas with error feedback both ways: over three rounds the
     # download goes full, then delta, then delta carrying the previous round's residual
     fed = federation(tmp_path, mosquitto_server.url, rounds=3, compression="balanced")
-    try:
-        fed.start()
-        status = finish(fed)
-    finally:
-        fed.stop()
+    status = run_to_end(fed)
     assert status.state == "finished" and len(status.history) == 3
     for kind in ("activation_up", "activation_down", "gradient_up", "gradient_down"):
         t = status.traffic[kind]
@@ -57,11 +49,7 @@ def test_a_cached_prefix_with_keys_and_layer_selection_equals_the_simulation(tmp
     fed = federation(tmp_path, mosquitto_server.url, rounds=3, steps=4, per_site=8,
                      prefix=PrefixSettings(frozen=2, send_keys=True, backend="onnxruntime"),
                      selection=SelectionSettings(policy="topk-gradnorm", fraction=0.5))
-    try:
-        fed.start()
-        status = finish(fed)
-    finally:
-        fed.stop()
+    status = run_to_end(fed)
     assert status.state == "finished"
     for name, agent in status.agents.items():
         # from its second epoch on every sample comes from the agent's cache
@@ -81,11 +69,7 @@ def test_vanilla_sites_that_train_nothing_send_keys_and_equal_the_simulation(tmp
     # the activation-caching report's design: every site block frozen, the server trains
     fed = federation(tmp_path, mosquitto_server.url, mode=SplitMode.VANILLA, rounds=2, steps=4,
                      per_site=8, prefix=PrefixSettings(frozen=2, send_keys=True, backend="torch"))
-    try:
-        fed.start()
-        status = finish(fed)
-    finally:
-        fed.stop()
+    status = run_to_end(fed)
     assert status.state == "finished"
     ups = [r.traffic["activation_up"] for r in status.history]
     assert ups[1].raw_bytes < ups[0].raw_bytes / 2, ups  # round 2: keys only
@@ -95,11 +79,7 @@ def test_vanilla_sites_that_train_nothing_send_keys_and_equal_the_simulation(tmp
 
 def test_vanilla_mode_on_the_embedded_broker_equals_the_simulation(tmp_path, amqtt_server):
     fed = federation(tmp_path, amqtt_server.url, mode=SplitMode.VANILLA)
-    try:
-        fed.start()
-        status = finish(fed)
-    finally:
-        fed.stop()
+    status = run_to_end(fed)
     assert status.state == "finished"
     assert "activation_down" not in status.traffic  # vanilla: one round trip per step
     assert_matches_simulation(fed)
