@@ -39,6 +39,9 @@ MB = 1e6 / 8  # bytes per second in one Mbit/s
 CLASSES = {"fast": (50.0, 1000, 1000, 0.002, 80), "mid": (10.0, 100, 100, 0.010, 16),
            "slow": (1.0, 20, 50, 0.050, 8)}
 SERVER = (50.0, 10_000, 10_000, 0.001, 140)  # the split server, next to the broker
+# Fleets in which the one shared split server is the bottleneck: (nodes per class, the server's
+# compute speed-up over this CPU). Round times only: no loss check for these.
+SHARED = (({"fast": 4, "mid": 4}, 50.0), ({"fast": 4, "mid": 2, "slow": 2}, 10.0))
 
 
 def smollm2_shaped() -> torch.nn.Module:
@@ -69,6 +72,23 @@ def best_fixed(spec, work, nodes, server, settings) -> tuple[tuple, float]:
         if span < best[1]:
             best = ((cand.a, cand.b, cand.rank), span)
     return best
+
+
+def shared_rows(spec, work, nodes, server, settings) -> list[str]:
+    """Per SHARED fleet, a table row: planner vs the best single fixed cut for everyone."""
+    rows = []
+    for counts, speed in SHARED:
+        fleet = {f"{c}-{i}": nodes[c] for c, k in counts.items() for i in range(1, k + 1)}
+        slower = server.model_copy(update={"block_s": server.block_s * SERVER[0] / speed,
+                                           "head_s": server.head_s * SERVER[0] / speed})
+        planned = plan(spec, work, fleet, slower, settings)
+        fixed, span = best_fixed(spec, work, fleet, slower, settings)
+        cuts = ", ".join(sorted({f"{p.a}/{p.b} r{p.rank}" for p in planned.nodes.values()}))
+        rows.append(f"| {' + '.join(f'{k} {c}' for c, k in counts.items())} | {speed:g}x | "
+                    f"{planned.makespan_s:.1f} s ({planned.bottleneck}; {cuts}) | "
+                    f"{span:.1f} s ({fixed[0]}/{fixed[1]} r{fixed[2]}) | "
+                    f"**{span / planned.makespan_s:.2f}x** |")
+    return rows
 
 
 def tiny_pin(a: int, b: int, rank: int, n: int = 30, m: int = 6) -> dict:
@@ -115,6 +135,7 @@ def main() -> None:
     planned = plan(spec, work, nodes, server, settings)
     fixed, fixed_span = best_fixed(spec, work, nodes, server, settings)
     speedup = fixed_span / planned.makespan_s
+    shared = "\n".join(shared_rows(spec, work, nodes, server, settings))
     plan_pins = {n: tiny_pin(p.a, p.b, p.rank) for n, p in planned.nodes.items()}
     fixed_pins = {n: tiny_pin(*fixed) for n in nodes}
     loss_plan = heldout(plan_pins, args.rounds, args.steps)
@@ -144,6 +165,16 @@ block's forward+backward measured here ({block_s * 1e3:.1f} ms, head {head_s * 1
 - held-out loss after {args.rounds} rounds x {args.steps} steps (tiny 6-block llama, each node's cut mapped
   from 30 blocks, its rank kept; {plan_pins} vs {fixed_pins}): planner {loss_plan[-1]:.4f}, fixed
   {loss_fixed[-1]:.4f} ({gap * 100:+.1f} %; goal within 2 %); start {loss_fixed[0]:.4f}
+
+Eight nodes sharing one split server no faster than a fast node (or a mid one), the same classes
+and delay model (round times only, no loss check): the server's total work is what the planner
+can move, by giving the fast nodes deeper cuts, until the slowest node's own least round binds.
+What that gains depends on compute vs link time: the links above are fixed, the compute is
+scaled from this machine's measurement of one block.
+
+| fleet | server compute | planner makespan (bottleneck; cuts used) | best fixed cut | speed-up |
+|---|---|---|---|---|
+{shared}
 
 Machine: {machine()}. Took {time.perf_counter() - started:.0f} s.
 Command: `.venv/bin/python bench/fleet.py --rounds {args.rounds} --steps {args.steps}`

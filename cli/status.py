@@ -211,6 +211,28 @@ def selection_table(s: Status) -> Table | None:
     return table
 
 
+def planner_table(s: Status) -> Table | None:
+    """The planner's cut, rank and codec per agent, its predicted seconds per step and the
+    measured ones (round start to upload, per step), where the run has a plan."""
+    if not isinstance(s.planner, dict):
+        return None
+    plan, nodes = s.planner, s.planner.get("nodes")
+    title = (f"planner (makespan {_seconds(plan.get('makespan_s'))} s, "
+             f"bottleneck {plan.get('bottleneck', '-')})")
+    table = _table(title, "agent", "cut", "rank", "codec", "predicted\ns/step", "measured\ns/step")
+    for name, node in sorted(nodes.items() if isinstance(nodes, dict) else []):
+        if isinstance(node, dict):
+            table.add_row(Text(name), f"{node.get('a', '-')}/{node.get('b', '-')}",
+                          str(node.get("rank", "-")), str(node.get("codec", "-")),
+                          _seconds(node.get("step_s")), _seconds(node.get("measured_step_s")))
+    return table
+
+
+def _seconds(x) -> str:
+    """A figure of the plan's JSON (free-form in the status document), or '-'."""
+    return format(x, ".3f") if isinstance(x, (int, float)) and not isinstance(x, bool) else "-"
+
+
 def _blocks(blocks: list[int]) -> str:
     return ", ".join(map(str, blocks)) if len(blocks) <= 10 else f"{len(blocks)} blocks ({blocks[0]}..{blocks[-1]})"
 
@@ -223,9 +245,9 @@ def render(s: Status, now: float | None = None) -> Group:
     if s.history:
         parts.append(history_table(s))
         parts.append(contributions_table(s))
-    selection = selection_table(s)
-    if selection is not None:
-        parts.append(selection)
+    for extra in (selection_table(s), planner_table(s)):
+        if extra is not None:
+            parts.append(extra)
     rejected = {k: n for k, n in s.rejected.items() if n}
     if rejected:
         parts.append(Text("rejected: " + ", ".join(f"{k} {n}" for k, n in sorted(rejected.items())),

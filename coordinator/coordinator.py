@@ -33,6 +33,7 @@ from fsl_edge.wire import (Address, adapter_envelope, adapter_state, meta_number
 from . import checkpoint
 from .settings import CoordinatorSettings
 from .fleet import Fleet
+from .planning import record
 from .split_server import SplitServer
 
 log = logging.getLogger("fsl_edge.coordinator")
@@ -237,6 +238,10 @@ class Coordinator:
             # without it, and it joins the next one
             self.gone(agent, "restarted mid-round")
         self.welcomed.add(agent)
+        try:
+            self.fleet.planning.take(agent, env.meta)
+        except ProtocolError as e:  # it still trains: at its pin, or the run's split and rank
+            self.reject("bad_profile", agent, str(e))
         if env.meta.get("ready", True) is False:  # agents that do not say are ready
             self.ready.discard(agent)
         else:
@@ -308,6 +313,8 @@ class Coordinator:
         backend = env.meta.get("prefix_backend")
         st.prefix_backend = backend[:64] if isinstance(backend, str) else None
         st.tokens_per_s = tokens / max(time.monotonic() - self.round_started, 1e-6)
+        record(self.status.planner, agent, time.monotonic() - self.round_started,
+               self.settings.training.train.steps)
 
     def gone(self, agent: str, why: str) -> None:
         """Take an agent that has been silent too long out of the running round."""
@@ -346,6 +353,8 @@ class Coordinator:
         agents = [a for a in self.online() if a not in excluded]
         if len(agents) < need:
             return
+        if self.round == 0 and self.attempts == 0:  # planner on: plan these agents, once
+            self.status.planner = self.fleet.planning.make(agents) or self.status.planner
         if self.round == 0 and self.attempts == 0 and self.fleet.needs_rebuild(agents, self.trunk):
             # the first round's agents name their cuts and ranks: the trunk serves those
             self.trunk, self.site_adapter = self.fleet.build(agents)
@@ -377,8 +386,9 @@ class Coordinator:
             self.starts = {}
             for agent in agents:
                 view = self.fleet.view(self.site_adapter, agent)
-                self.starts[agent] = (adapter_envelope(MessageKind.ROUND_START, view, at, meta,
-                                                       self.pipes.full_download), view)
+                self.starts[agent] = (adapter_envelope(
+                    MessageKind.ROUND_START, view, at, {**meta, **self.fleet.planning.start_meta(agent)},
+                    self.pipes.full_download), view)
             self.status.state, self.status.round, self.status.step = "training", self.round, 0
             log.info("round %d starts with %s", self.round, ", ".join(agents))
             for agent in agents:
@@ -386,7 +396,7 @@ class Coordinator:
             return
         delta = self.downlink.advance(self.site_adapter)
         meta = {"steps": train.steps, "attempt": self.attempt, "participants": agents,
-                "version": self.version}
+                "version": self.version, **self.fleet.planning.start_meta(agents[0])}
         at = Address(self.run_id, "", self.round)
         self.start_full = adapter_envelope(MessageKind.ROUND_START, self.downlink.shared, at,
                                            {**meta, "full": True}, self.pipes.full_download)

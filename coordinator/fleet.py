@@ -1,8 +1,9 @@
 """Per-agent cuts and ranks in the coordinator: which trunk to build for the first round's
 agents, and each agent's own copy of the site adapter when they differ (fsl_edge.nodes).
 
-The trunk is built when the first round's agents are known (their pins, or later the plan,
-name their cuts); later agents whose cut the trunk does not serve wait outside the rounds.
+The trunk is built when the first round's agents are known (their pins, or the plan made from
+their profiles with `planner.enabled`, name their cuts); later agents whose cut the trunk does
+not serve wait outside the rounds.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from fsl_edge.nodes import NodeSetup, check_hetero, close_round, initial_global,
 from fsl_edge.split import check_parity, discover
 from fsl_edge.step import ServerPart, SitePart, party_options
 
+from .planning import Planning
+
 log = logging.getLogger("fsl_edge.coordinator")
 
 
@@ -26,9 +29,12 @@ class Fleet:
         self.training, self.model = training, model  # the base model, kept to build the trunk
         self.n_blocks = discover(model).n_blocks
         self.hetero = False  # the agents differ in cut or rank: per-layer aggregation
+        self.planning = Planning(training, model)
+        if self.planning.enabled:  # a plan may give the agents different cuts: refuse at start
+            check_hetero(training)
 
     def setup(self, agent: str) -> NodeSetup:
-        return node_setup(self.training, self.n_blocks, agent)
+        return node_setup(self.training, self.n_blocks, agent, self.planning.plan)
 
     def needs_rebuild(self, agents: list[str], trunk: ServerPart) -> bool:
         """Whether the trunk built at start (the run's cut, lora.rank) is not this fleet's."""

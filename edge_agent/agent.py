@@ -12,11 +12,16 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from fsl_edge import protocol
 from fsl_edge.compression import StepCodec, Uplink, apply
 from fsl_edge.config import LearningSettings, SplitMode
 from fsl_edge.data import BatchStream
+from fsl_edge.errors import ProtocolError
+from fsl_edge.planner import NodePlan
+from fsl_edge.profile import NodeProfile
 from fsl_edge.protocol import Envelope, Flag, MessageKind
 from fsl_edge.step import SitePart
 from fsl_edge.transport import MqttLink
@@ -29,6 +34,16 @@ from .settings import AgentSettings
 log = logging.getLogger("fsl_edge.edge_agent")
 
 
+@dataclass(frozen=True)
+class Deferred:
+    """A site whose cut and rank the coordinator plans (`planner.enabled`): its model and data
+    are loaded and measured; its part is made from the first ROUND_START, which names its plan."""
+
+    profile: NodeProfile
+    make: Callable[[NodePlan | None], SitePart]
+    """This node's NodePlan (None: it was not planned: its pin, else the run's) -> its part."""
+
+
 class Interrupted(Exception):
     """The coordinator sent a new instruction while the agent waited for something else."""
 
@@ -39,10 +54,12 @@ class Interrupted(Exception):
 
 class Agent:
     def __init__(self, settings: AgentSettings, link: MqttLink, build):
-        """`build(welcome_meta) -> (SitePart, BatchStream)` loads the model and data once welcomed."""
+        """`build(welcome_meta) -> (SitePart | Deferred, BatchStream)` loads the model and data
+        once welcomed (Deferred: the part waits for the plan)."""
         self.settings, self.link, self.build = settings, link, build
         self.me, self.run_id = settings.agent_id, settings.runtime.run_id
         self.part: SitePart | None = None
+        self.deferred: Deferred | None = None  # with the planner: the part waits for the plan
         self.stream: BatchStream | None = None
         self.attempt: str | None = None  # the ROUND_START attempt being worked on
         self.snapshot: state.RoundSnapshot | None = None
@@ -143,10 +160,13 @@ class Agent:
         return {k: meta_number(timing, k, float, minimum=0.05) for k in self.timing}
 
     def hello(self, resync: bool = False) -> Envelope:
-        # ready: it has built its part; until then it is welcomed but given no place in a round
-        return Envelope(MessageKind.HELLO, self.run_id, self.me,
-                        meta={"rounds_done": self.rounds_done, "resync": resync,
-                              "ready": self.part is not None})
+        # ready: it has built its part (or, planned, measured itself); until then it is welcomed
+        # but given no place in a round
+        meta = {"rounds_done": self.rounds_done, "resync": resync,
+                "ready": self.part is not None or self.deferred is not None}
+        if self.deferred is not None:
+            meta["profile"] = self.deferred.profile.model_dump(mode="json")
+        return Envelope(MessageKind.HELLO, self.run_id, self.me, meta=meta)
 
     def heartbeats(self) -> None:
         while not self._stop.wait(self.timing["heartbeat_s"]):
@@ -164,8 +184,12 @@ class Agent:
             beat.start()
             pipes = LearningSettings.model_validate(welcome.meta["training"]).compression.pipelines()
             self.codec, self.uplink = StepCodec(pipes), Uplink(pipes.upload)
-            self.part, self.stream = self.build(welcome.meta)
-            self.rounds_done = state.load(self.settings.workdir, self.part, self.stream)
+            part, self.stream = self.build(welcome.meta)
+            if isinstance(part, Deferred):
+                self.deferred = part
+            else:
+                self.part = part
+                self.rounds_done = state.load(self.settings.workdir, self.part, self.stream)
             idle, unsent, instruction = self.hello(), True, None  # says it is ready
             while True:
                 if instruction is None:
@@ -178,6 +202,8 @@ class Agent:
                         return self.rounds_done
                     instruction = None  # the coordinator stopped early: wait for it to return
                     continue
+                if self.part is None:
+                    self.make_part(instruction)
                 try:
                     idle, unsent, instruction = self.train_round(instruction), False, None
                 except Interrupted as i:
@@ -186,6 +212,16 @@ class Agent:
             self._stop.set()
             if beat.is_alive():
                 beat.join(timeout=5)  # not mid-publish while the process winds down
+
+    def make_part(self, start: Envelope) -> None:
+        """Build the planned part at the cut and rank the first ROUND_START names for it."""
+        raw = start.meta.get("plan")
+        try:
+            choice = None if raw is None else NodePlan.model_validate(raw)
+        except ValueError as e:
+            raise ProtocolError(f"the coordinator's plan for {self.me} is malformed: {e}") from e
+        self.part = self.deferred.make(choice)
+        self.rounds_done = state.load(self.settings.workdir, self.part, self.stream)
 
     def train_round(self, start: Envelope) -> Envelope:
         """Run one round's steps and send the adapter upload; returns it (re-sent while idle)."""

@@ -11,13 +11,15 @@ from fsl_edge.auth import agent_authenticator
 from fsl_edge.data import BatchStream, examples_digest, load_samples, pad_id_of, tokenize
 from fsl_edge.models import load
 from fsl_edge.nodes import node_setup
+from fsl_edge.planner import NodePlan
+from fsl_edge.profile import ProfileSettings, profile_node
 from fsl_edge.config import LearningSettings
 from fsl_edge.simulation import site_seed
 from fsl_edge.split import discover
 from fsl_edge.step import SitePart, party_options
 from fsl_edge.transport import BrokerLogin, MqttLink
 
-from .agent import Agent
+from .agent import Agent, Deferred
 from .settings import AgentSettings
 
 log = logging.getLogger("fsl_edge.edge_agent")
@@ -26,25 +28,40 @@ log = logging.getLogger("fsl_edge.edge_agent")
 def builder(settings: AgentSettings):
     """Load the model and the site's data once the coordinator has said how to train."""
 
-    def build(welcome: dict) -> tuple[SitePart, BatchStream]:
+    def build(welcome: dict) -> tuple[SitePart | Deferred, BatchStream]:
         training = LearningSettings.model_validate(welcome["training"])
         train = training.train
-        loaded = load(settings.model or welcome["model"], device=settings.device,
-                      quantize=training.lora.quantize)
+        model = settings.model or welcome["model"]
+        loaded = load(model, device=settings.device, quantize=training.lora.quantize)
         examples = tokenize(load_samples(settings.data), loaded.tokenizer, train.max_len)
-        torch.manual_seed(train.seed)
-        # its own cut and rank: pinned for it by name, else the run's (validated like the run's)
-        setup = node_setup(training, discover(loaded.model).n_blocks, settings.agent_id)
-        cut = setup.cut
-        part = SitePart(loaded.model, cut, setup.lora, train.lr, **party_options(training),
-                        cache=(settings.cache_dir or settings.workdir / "cache", settings.cache_bytes))
-        part.data_digest = examples_digest(examples)
-        part.prefix.prepare(training.prefix.frozen)  # the LoRA-free prefix: the same all run
+
+        def make(choice: NodePlan | None) -> SitePart:
+            torch.manual_seed(train.seed)
+            # its own cut and rank: planned, else pinned for it by name, else the run's
+            # (validated like the run's)
+            setup = node_setup(training, discover(loaded.model).n_blocks, settings.agent_id, choice)
+            cut = setup.cut
+            part = SitePart(loaded.model, cut, setup.lora, train.lr, **party_options(training),
+                            cache=(settings.cache_dir or settings.workdir / "cache", settings.cache_bytes))
+            part.data_digest = examples_digest(examples)
+            part.prefix.prepare(training.prefix.frozen)  # the LoRA-free prefix: the same all run
+            log.info("%s: %d examples, cut %d/%d (%s), rank %d%s", settings.agent_id, len(examples),
+                     cut.a, cut.b, cut.mode.value, setup.lora.rank, " (planned)" if choice else "")
+            return part
+
         stream = BatchStream(examples, train.batch_size, site_seed(train.seed, settings.agent_id),
                              pad_id_of(loaded.tokenizer))
-        log.info("%s: %d examples, cut %d/%d (%s), rank %d", settings.agent_id, len(examples),
-                 cut.a, cut.b, cut.mode.value, setup.lora.rank)
-        return part, stream
+        if not training.planner.enabled:
+            return make(None), stream
+        # the plan needs this node's speed and link: measured on the loaded model (before LoRA)
+        rt = settings.runtime
+        profile = profile_node(loaded.model, rt.broker, protocol.topic_probe(rt.run_id, settings.agent_id),
+                               ProfileSettings(batch=train.batch_size, seq=train.max_len),
+                               BrokerLogin.from_env(), model)
+        log.info("%s: profiled: block %.4f s, up %.1f MB/s, down %.1f MB/s, rtt %.1f ms",
+                 settings.agent_id, profile.block_s, profile.up_bytes_per_s / 1e6,
+                 profile.down_bytes_per_s / 1e6, profile.rtt_s * 1e3)
+        return Deferred(profile, make), stream
 
     return build
 

@@ -38,8 +38,10 @@ class NodeSetup:
 
 
 def node_setup(settings: LearningSettings, n_blocks: int, node: str, plan=None) -> NodeSetup:
-    """The node's cut and rank: the plan's choice (a planner.Plan), else its pin, else the run's."""
-    split, choice = settings.split, (plan.nodes.get(node) if plan is not None else None)
+    """The node's cut and rank: the plan's choice, else its pin, else the run's. `plan`: a
+    planner.Plan, or this node's own planner.NodePlan (what an agent is sent)."""
+    split = settings.split
+    choice = plan.nodes.get(node) if hasattr(plan, "nodes") else plan
     if choice is not None:
         front, back, rank = choice.a, n_blocks - choice.b, choice.rank
     else:

@@ -129,9 +129,14 @@ def topic_all_status(run: str) -> str:
     return f"fsl/{check_id(run, 'run id')}/status/+"
 
 
+def topic_probe(run: str, agent: str) -> str:
+    """An agent's own link probe (fsl_edge.profile): it writes and reads it, nobody else listens."""
+    return f"fsl/{check_id(run, 'run id')}/probe/{check_id(agent, 'agent id')}"
+
+
 class Topic(NamedTuple):
     run: str
-    channel: str  # "up" | "down" | "broadcast" | "status"
+    channel: str  # "up" | "down" | "broadcast" | "status" | "probe"
     agent: str | None
 
 
@@ -143,8 +148,8 @@ def parse_topic(topic: str) -> Topic:
             return Topic(parts[1], parts[4], parts[3])
         if len(parts) == 3 and parts[2] == "broadcast":
             return Topic(parts[1], "broadcast", None)
-        if len(parts) == 4 and parts[2] == "status" and _ID.fullmatch(parts[3]):
-            return Topic(parts[1], "status", parts[3])
+        if len(parts) == 4 and parts[2] in ("status", "probe") and _ID.fullmatch(parts[3]):
+            return Topic(parts[1], parts[2], parts[3])
     raise ProtocolError(f"topic {topic!r} is not part of the fsl-edge protocol")
 
 

@@ -93,8 +93,8 @@ class Status(BaseModel):
     history: list[RoundRecord] = Field(default_factory=list)
     rejected: dict[str, int] = Field(default_factory=dict)
     """Messages dropped, by reason: malformed, version, unknown_agent, bad_shape, non_finite,
-    duplicate, wrong_run, late; unsigned, forged, replayed, unknown_node (authentication);
-    rejected, clipped (screened updates); overflow, evicted, queue_full, overload (a resource
+    duplicate, wrong_run, late, bad_profile (a HELLO's profile: the agent stays, unplanned);
+    unsigned, forged, replayed, unknown_node (authentication); rejected, clipped (screened updates); overflow, evicted, queue_full, overload (a resource
     bound, `runtime.bounds`)."""
     checkpoint: str | None = None
     """Directory of the last checkpoint."""
@@ -102,6 +102,10 @@ class Status(BaseModel):
     """Layer selection in the trunk: (epoch, the LoRA blocks trainable in it), latest last."""
     prefix_store: dict[str, int] = Field(default_factory=dict)
     """Sites' prefix activations the server keeps (send_keys): entries, bytes, hits, misses."""
+    planner: dict | None = None
+    """With `planner.enabled`, once the first round's agents are planned (else None): the plan
+    (`planner.Plan` as JSON), each node's entry with its predicted seconds per step (`step_s`)
+    and `measured_step_s`, its last round as the coordinator saw it (start to upload, per step)."""
 
     @computed_field
     @property

@@ -24,7 +24,7 @@ def passwd_remove(text: str, user: str) -> str:
 
 
 def node_topics(name: str) -> list[tuple[str, str]]:
-    """(access, topic) a node needs in every run: its own up/down/status and the broadcast."""
+    """(access, topic) a node needs in every run: its own up/down/status/probe and the broadcast."""
     from fsl_edge import protocol  # it imports torch: not for `fsl-edge nodes` or --help
 
     # The topic layout is protocol.py's alone: build each topic for a stand-in run id, then
@@ -34,6 +34,7 @@ def node_topics(name: str) -> list[tuple[str, str]]:
         ("read", protocol.topic_down(_RUN, name)),
         ("read", protocol.topic_broadcast(_RUN)),
         ("write", protocol.topic_status(_RUN, name)),  # its retained online/offline, its last will
+        ("readwrite", protocol.topic_probe(_RUN, name)),  # its link probe at join (fsl_edge.profile)
     ]
     return [(access, _any_run(topic)) for access, topic in topics]
 

@@ -169,6 +169,11 @@ def test_a_node_uses_its_own_topics_and_the_broadcast(federation):
         coord.publish(protocol.topic_broadcast(RUN), b"round 1")
         assert node.next() == (protocol.topic_broadcast(RUN), b"round 1")
 
+        # its link probe at join (fsl_edge.profile): it reads back what it writes there
+        node.subscribe(protocol.topic_probe(RUN, "alice"))
+        node.publish(protocol.topic_probe(RUN, "alice"), b"probe")
+        assert node.next() == (protocol.topic_probe(RUN, "alice"), b"probe")
+
 
 def test_what_a_node_publishes_outside_its_topics_never_arrives(federation):
     broker, _, nodes = federation
@@ -176,7 +181,8 @@ def test_what_a_node_publishes_outside_its_topics_never_arrives(federation):
             session(broker, "alice", nodes["alice"].password) as alice:
         coord.subscribe("fsl/#")
         for topic in (protocol.topic_up(RUN, "bob"), protocol.topic_down(RUN, "bob"),
-                      protocol.topic_status(RUN, "bob"), protocol.topic_broadcast(RUN),
+                      protocol.topic_status(RUN, "bob"), protocol.topic_probe(RUN, "bob"),
+                      protocol.topic_broadcast(RUN),
                       protocol.topic_down(RUN, "alice"), "fsl/elsewhere"):
             alice.publish(topic, b"forged")  # acknowledged, then dropped by the broker
         alice.publish(protocol.topic_up(RUN, "alice"), b"marker")
@@ -195,6 +201,7 @@ def test_a_node_cannot_read_another_nodes_topics(federation):
         coord.publish(protocol.topic_down(RUN, "bob"), b"for bob")
         assert bob.next() == (protocol.topic_down(RUN, "bob"), b"for bob")
         bob.publish(protocol.topic_up(RUN, "bob"), b"from bob")
+        bob.publish(protocol.topic_probe(RUN, "bob"), b"bob's probe")
         assert alice.next(GRACE_S) is None
 
 

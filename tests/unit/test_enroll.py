@@ -73,6 +73,7 @@ def test_a_node_may_only_use_its_own_topics_and_the_broadcast():
         "topic read fsl/+/agent/alice/down\n"
         "topic read fsl/+/broadcast\n"
         "topic write fsl/+/status/alice\n"
+        "topic readwrite fsl/+/probe/alice\n"
         "\n")
 
 

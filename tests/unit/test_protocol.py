@@ -220,6 +220,7 @@ def test_topic_layout():
     assert protocol.topic_broadcast("r1") == "fsl/r1/broadcast"
     assert protocol.topic_status("r1", "a1") == "fsl/r1/status/a1"
     assert protocol.topic_all_status("r1") == "fsl/r1/status/+"
+    assert protocol.topic_probe("r1", "a1") == "fsl/r1/probe/a1"
 
 
 @pytest.mark.parametrize("bad", ["", "a/b", "+", "#", "a b", "-x", "x" * 65, "é"])
@@ -233,7 +234,9 @@ def test_parse_topic_inverts_the_builders():
     assert parse_topic(protocol.topic_down("r", "a")) == Topic("r", "down", "a")
     assert parse_topic(protocol.topic_broadcast("r")) == Topic("r", "broadcast", None)
     assert parse_topic(protocol.topic_status("r", "a")) == Topic("r", "status", "a")
-    for bad in ["fsl/r/agent/a/sideways", "other/r/broadcast", "fsl/r", "fsl/r/status/a/b"]:
+    assert parse_topic(protocol.topic_probe("r", "a")) == Topic("r", "probe", "a")
+    for bad in ["fsl/r/agent/a/sideways", "other/r/broadcast", "fsl/r", "fsl/r/status/a/b",
+                "fsl/r/probe/a/b", "fsl/r/probe/+"]:
         with pytest.raises(ProtocolError, match="not part of the fsl-edge protocol"):
             parse_topic(bad)
 
