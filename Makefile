@@ -17,6 +17,8 @@ test-fast: setup
 	$(BIN)/pytest -q -m "not slow"
 
 bench: setup
+	@# Flower for the quality protocol's peer row, on its own: flwr caps typer < 0.21, amqtt 0.12.1 needs 0.24
+	$(BIN)/python -c 'import flwr.simulation, ray' 2>/dev/null || $(BIN)/pip install "flwr[simulation]>=1.42,<2"
 	$(BIN)/python bench/quality.py
 	$(BIN)/python bench/transport.py
 

@@ -1,148 +1,192 @@
-"""Quality benchmark: does the split federation learn as well as pooling the data would?
+"""Quality protocol: does the split federation learn as well as pooling the data would, better
+than each site alone, and at what cost to a site next to Flower's FedAvg-LoRA of the whole model?
 
-SmolLM2-135M (real weights) on the ICD-10-CM demo sites, all rows in one run with the same
-steps, batch and tokens per step. Rows: the base model; fsl-edge (u-shape, FedAvg of the site
-adapters every round); centralised LoRA on the union of the sites' data; each site training alone.
-Held-out loss is measured per chapter (codes no site trained on) and over all chapters.
+SmolLM2-135M (real weights) on the ICD-10-CM demo sites (one chapter each: non-IID). Each seed
+builds its own data split and runs every row with the same steps, batch and tokens: centralised
+LoRA on the union; fsl-edge u-shape, vanilla, and u-shape with the `balanced` compression; each
+site alone; FedAvg-LoRA of the whole model on every site, run with Flower's simulation engine.
+Reported as mean ± std over the seeds: held-out loss per chapter and over all, exact match, the
+site's compute and peak memory per step (bench/site_cost.py), bytes per round; then the goals,
+and a projection of the site costs to Llama-3.2-1B and Llama-3.1-8B (bench/projection.py).
 
-    .venv/bin/python bench/quality.py            # writes its section of BENCHMARKS.md
+    .venv/bin/python bench/quality.py              # 3 seeds; writes its section of BENCHMARKS.md
+    .venv/bin/python bench/quality.py --seeds 0 --rounds 1 --steps 2 --no-write     # smoke run
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
+import json
 import sys
-import time
+from dataclasses import asdict
 from pathlib import Path
-
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from common import machine, write_section  # noqa: E402
+import torch  # noqa: E402
 
-from fsl_edge.baselines import evaluator, train_lora  # noqa: E402
-from fsl_edge.config import LoraSettings, SplitSettings, TrainSettings  # noqa: E402
+import quality_rows as rows  # noqa: E402
+from common import write_section  # noqa: E402
+from quality_notes import section  # noqa: E402
+from quality_report import RowSummary  # noqa: E402
+from site_cost import measure  # noqa: E402
+
+from fsl_edge.config import (CompressionSettings, LearningSettings, LoraSettings,  # noqa: E402
+                             SplitMode, SplitSettings, TrainSettings)
 from fsl_edge.data import pad_id_of  # noqa: E402
+from fsl_edge.delay import ModelSpec  # noqa: E402
 from fsl_edge.icd10_data import build_icd10  # noqa: E402
 from fsl_edge.models import load  # noqa: E402
-from fsl_edge.config import LearningSettings  # noqa: E402
-from fsl_edge.data import BatchStream  # noqa: E402
-from fsl_edge.evaluate import split_evaluator  # noqa: E402
-from fsl_edge.simulation import (SiteData, eval_batches, heldout_losses, simulate,  # noqa: E402
-                                 site_seed)
+from fsl_edge.quality import heldout_samples  # noqa: E402
 from fsl_edge.sites import load_sites  # noqa: E402
-from fsl_edge.split import discover  # noqa: E402
+
+ROWS = ("central", "u-shape", "vanilla", "balanced", "alone", "flower")
 
 
-def main() -> None:
+def parse() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--rounds", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--rounds", type=int, default=4, help="rounds (every federated row)")
+    ap.add_argument("--steps", type=int, default=8, help="local steps per site and round")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-len", type=int, default=48)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--per-site", type=int, default=400)
-    ap.add_argument("--heldout", type=int, default=64)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--per-site", type=int, default=400, help="training codes per site")
+    ap.add_argument("--heldout", type=int, default=64, help="held-out codes per chapter (loss)")
+    ap.add_argument("--exact-match", type=int, default=32,
+                    help="held-out codes per chapter scored by exact match (the first of them)")
+    ap.add_argument("--site-ffa", action="store_true",
+                    help="fsl-edge rows: FFA-LoRA at the sites (A fixed, B trained)")
+    ap.add_argument("--server-lr", type=float, default=1.0,
+                    help="fsl-edge rows: server learning rate of the site-adapter FedAvg")
+    ap.add_argument("--front", type=int, default=None, help="fsl-edge cut a (default: 2)")
+    ap.add_argument("--back", type=int, default=None,
+                    help="fsl-edge u-shape: blocks after the trunk (default: 1)")
+    ap.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS),
+                    help="rows to run (the base model is always scored); BENCHMARKS.md is "
+                         "written only when all run, over 3 seeds or more")
+    ap.add_argument("--cost-steps", type=int, default=5, help="measured steps per site cost probe")
+    ap.add_argument("--cost-device", default="cpu",
+                    help="where site costs are measured: cpu | cuda")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (training and probes)")
     ap.add_argument("--workdir", type=Path, default=ROOT / "runs" / "bench-quality")
     ap.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md")
-    args = ap.parse_args()
+    return ap.parse_args()
 
-    data_dir = args.workdir / "data"
-    build_icd10(data_dir, per_site=args.per_site, heldout=args.heldout, seed=args.seed)
-    loaded = load(args.model)
+
+def common_settings(args, seed: int) -> LearningSettings:
+    """What every trained row shares: LoRA, optimizer, batching, rounds x steps, the seed."""
+    return LearningSettings(lora=LoraSettings(rank=8), train=TrainSettings(
+        lr=args.lr, batch_size=args.batch_size, max_len=args.max_len, rounds=args.rounds,
+        steps=args.steps, seed=seed))
+
+
+def variants(args, base: LearningSettings) -> dict[str, LearningSettings]:
+    """The fsl-edge rows' settings: the federation's options on top of the common ones."""
+    lora = base.lora.model_copy(update={"site_freeze_a": args.site_ffa})
+    train = base.train.model_copy(update={"server_lr": args.server_lr})
+    u = base.model_copy(update={"lora": lora, "train": train,
+                                "split": SplitSettings(front=args.front, back=args.back)})
+    return {"u-shape": u,
+            "vanilla": u.model_copy(update={"split": SplitSettings(mode=SplitMode.VANILLA,
+                                                                   front=args.front)}),
+            "balanced": u.model_copy(
+                update={"compression": CompressionSettings(preset="balanced")})}
+
+
+def row_name(key: str, settings: LearningSettings, n_blocks: int, site_ffa: bool) -> str:
+    cut = settings.split.cut(n_blocks)
+    where = f"cut {cut.a}/{cut.b}" if cut.mode is SplitMode.U_SHAPE else f"cut {cut.a}"
+    name = {"u-shape": f"fsl-edge u-shape ({where})", "vanilla": f"fsl-edge vanilla ({where})",
+            "balanced": f"fsl-edge u-shape ({where}), balanced compression"}[key]
+    return name + (", FFA-LoRA at the sites" if site_ffa else "")
+
+
+def data_for(args, seed: int) -> Path:
+    """Seed `seed`'s own split of the ICD-10 codes into site and held-out files."""
+    data_dir = args.workdir / f"data-seed{seed}"
+    build_icd10(data_dir, per_site=args.per_site, heldout=args.heldout, seed=seed)
+    return data_dir
+
+
+def run_seed(args, loaded, seed: int, summaries: dict[str, RowSummary]) -> None:
+    """Every chosen row on seed `seed`'s own data split; adds the results to `summaries`."""
+    data_dir = data_for(args, seed)
     pad = pad_id_of(loaded.tokenizer)
     sites = load_sites(data_dir, loaded.tokenizer, args.max_len)
-    settings = LearningSettings(
-        split=SplitSettings(), lora=LoraSettings(rank=8),
-        train=TrainSettings(lr=args.lr, batch_size=args.batch_size, max_len=args.max_len,
-                            rounds=args.rounds, steps=args.steps, seed=args.seed))
-    heldout = {s.name: eval_batches(s.heldout, args.batch_size, pad) for s in sites}
-    site_steps = args.rounds * args.steps
-    rows: list[tuple[str, dict[str, float], float, float]] = []
+    score = rows.Scorer(loaded.tokenizer, sites, heldout_samples(data_dir, None, args.exact_match),
+                        args.batch_size, pad)
+    base = common_settings(args, seed)
+    fsl = variants(args, base)
+    n_blocks = ModelSpec.from_model(loaded.model).n_blocks
+    model, spec = loaded.model, args.model
+    print(f"seed {seed}:", flush=True)
+    runs = {"base": score("base model (no training)", model, 0.0)}
+    if "central" in args.rows:
+        runs["central"] = rows.centralised(model, sites, base, pad, score)
+    for key in ("u-shape", "vanilla", "balanced"):
+        if key in args.rows:
+            runs[key] = rows.fsl_edge(model, spec, sites, fsl[key], pad, score,
+                                      row_name(key, fsl[key], n_blocks, args.site_ffa))
+    if "alone" in args.rows:
+        for site in sites:
+            runs[f"alone:{site.name}"] = rows.alone(model, site, base, pad, score)
+    if "flower" in args.rows:
+        runs["flower"] = rows.flower(model, spec, data_dir, sites, base, args.threads, score)
+    for key, run in runs.items():
+        summaries.setdefault(key, RowSummary(run.name)).add(run.per, run.overall, run.exact,
+                                                            run.seconds, run.by_kind)
+    with open(args.workdir / "quality-runs.jsonl", "a") as log:
+        rows_json = {k: asdict(r) for k, r in runs.items()}
+        log.write(json.dumps({"seed": seed, "rows": rows_json}) + "\n")
 
-    def measure(name: str, evaluate, seconds: float) -> None:
-        per, overall = heldout_losses(evaluate, heldout)
-        rows.append((name, per, overall, seconds))
-        print(f"{name:34s} " + " ".join(f"{k}={v:.4f}" for k, v in per.items())
-              + f" all={overall:.4f} ({seconds:.0f} s)", flush=True)
 
-    measure("base model (no training)", evaluator(loaded.model), 0.0)
+def site_costs(args, loaded) -> dict[str, tuple[float, int]]:
+    """(s per step, peak bytes) of a site's step, on the first seed's first site: the whole
+    model, and each fsl-edge row's part. Measured first: a probe that fails, fails early."""
+    data_dir = data_for(args, args.seeds[0])
+    site = load_sites(data_dir, loaded.tokenizer, args.max_len)[0].name
+    base = common_settings(args, args.seeds[0])
+    kinds = {"whole": ("whole", base)}
+    kinds.update({k: ("site", s) for k, s in variants(args, base).items() if k in args.rows})
+    costs = {}
+    print(f"site costs (seed {args.seeds[0]}, {site}):", flush=True)
+    for key, (kind, settings) in kinds.items():
+        c = measure(kind, args.model, settings.model_dump_json(), data_dir, site, args.cost_steps,
+                    args.threads, args.cost_device)
+        costs[key] = (c.seconds, c.peak_bytes)
+        print(f"  {key}: {c.seconds:.3f} s / step, peak {c.peak_bytes / 2**20:.0f} MiB", flush=True)
+    return costs
 
-    # the federation with plain FedAvg of the site adapters, and with FFA-LoRA at the sites
-    # (A fixed, B trained), whose average is exact
-    unevaluated = [SiteData(s.name, s.train, []) for s in sites]  # held-out measured once, below
-    fsl_rows = {}
-    for label, freeze_a in (("FedAvg", False), ("FFA-LoRA at the sites", True)):
-        run = settings.model_copy(update={"lora": settings.lora.model_copy(
-            update={"site_freeze_a": freeze_a})})
-        t = time.perf_counter()
-        result = simulate(loaded.model, unevaluated, run, pad)
-        cut = result.metadata["cut"]
-        name = f"fsl-edge u-shape (cut {cut['a']}/{cut['b']}), {label}"
-        measure(name, split_evaluator(loaded.model, run, result.site_adapter,
-                                      result.server_adapter), time.perf_counter() - t)
-        fsl_rows[label] = (name, rows[-1][2], result)
 
-    t = time.perf_counter()
-    union = [e for s in sites for e in s.train]
-    central = train_lora(loaded.model, union, settings, site_steps * len(sites), pad)
-    measure("centralised LoRA (union of data)", evaluator(central), time.perf_counter() - t)
-    del central
-    # the same, fed one site's batch at a time in turn, as the federation's trunk sees them:
-    # what the sites' non-IID batches cost by themselves
-    t = time.perf_counter()
-    streams = [BatchStream(s.train, args.batch_size, site_seed(args.seed, s.name), pad) for s in sites]
-    in_turn = (next(streams[i % len(streams)]) for i in itertools.count())
-    central = train_lora(loaded.model, union, settings, site_steps * len(sites), pad, in_turn)
-    measure("centralised LoRA, one site per batch in turn", evaluator(central),
-            time.perf_counter() - t)
-    del central
-
-    for site in sites:
-        t = time.perf_counter()
-        alone = train_lora(loaded.model, site.train, settings, site_steps, pad)
-        measure(f"{site.name} alone", evaluator(alone), time.perf_counter() - t)
-        del alone
-
-    by_name = {r[0]: r[2] for r in rows}
-    central_loss = by_name["centralised LoRA (union of data)"]
-    best_alone = min(r[2] for r in rows if r[0].endswith(" alone"))
-    gaps = "; ".join(f"{name}: **{(loss - central_loss) / central_loss * 100:+.2f} %**"
-                     for name, loss, _ in fsl_rows.values())
-    fsl = min(loss for _, loss, _ in fsl_rows.values())
-    names = [s.name for s in sites]
-    table = ["| run | " + " | ".join(names) + " | all chapters | time (s) |",
-             "|---|" + "---|" * len(names) + "---|---|"]
-    for name, per, overall, seconds in rows:
-        table.append(f"| {name} | " + " | ".join(f"{per[n]:.4f}" for n in names)
-                     + f" | **{overall:.4f}** | {seconds:.0f} |")
-    traffic = sum(sum(r.bytes.values()) for r in fsl_rows['FedAvg'][2].rounds) / 2**20
-    body = "\n".join([
-        "Held-out loss (mean next-token cross-entropy on the completion, codes no site trained "
-        "on), lower is better.",
-        "",
-        *table,
-        "",
-        f"- fsl-edge vs centralised (goal: within 2 %): {gaps}. "
-        f"Best fsl-edge vs the best site alone: {fsl:.4f} vs {best_alone:.4f} "
-        f"({'better' if fsl < best_alone else 'NOT better'}; goal: better).",
-        f"- Same work in every trained row: {site_steps} steps per site of batch "
-        f"{args.batch_size} x <= {args.max_len} tokens (centralised: {site_steps * len(sites)} "
-        f"steps on the union); LoRA r=8 on q/k/v/o of all {discover(loaded.model).n_blocks} blocks, AdamW lr {args.lr}, "
-        f"seed {args.seed}; {args.rounds} rounds x {args.steps} local steps, "
-        f"{args.per_site} training codes per site.",
-        f"- fsl-edge traffic (uncompressed fp32, all hops and adapters): {traffic:.1f} MiB.",
-        f"- Machine: {machine()}.",
-        f"- Command: `{' '.join(['.venv/bin/python bench/quality.py', *sys.argv[1:]])}`.",
-    ])
-    print(body)
-    if not args.no_write:
-        write_section(ROOT / "BENCHMARKS.md", "quality",
-                      "Quality: split federation vs centralised vs sites alone", body)
+def main() -> None:
+    args = parse()
+    torch.set_num_threads(args.threads)
+    if "flower" in args.rows:
+        from flower_baseline import require_flower
+        require_flower()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    (args.workdir / "quality-runs.jsonl").unlink(missing_ok=True)
+    loaded = load(args.model)
+    costs = site_costs(args, loaded)
+    summaries: dict[str, RowSummary] = {}
+    for seed in args.seeds:
+        run_seed(args, loaded, seed, summaries)
+    for key, s in summaries.items():
+        kind = "whole" if key == "flower" or key.startswith("alone:") else key
+        s.cost = None if key in ("base", "central") else costs.get(kind)
+    u = variants(args, common_settings(args, args.seeds[0]))["u-shape"]
+    text = "\n".join(section(args, ModelSpec.from_model(loaded.model), u, summaries, costs))
+    print(text)
+    if args.no_write:
+        return
+    if set(args.rows) != set(ROWS) or len(args.seeds) < 3:
+        print("BENCHMARKS.md left alone: only a full run (every row, 3 seeds or more) writes it")
+        return
+    write_section(ROOT / "BENCHMARKS.md", "quality",
+                  "Quality: fsl-edge vs centralised, sites alone and Flower FedAvg-LoRA", text)
 
 
 if __name__ == "__main__":
