@@ -11,6 +11,7 @@ and a projection of the site costs to Llama-3.2-1B and Llama-3.1-8B (bench/proje
 
     .venv/bin/python bench/quality.py              # 3 seeds; writes its section of BENCHMARKS.md
     .venv/bin/python bench/quality.py --seeds 0 --rounds 1 --steps 2 --no-write     # smoke run
+    .venv/bin/python bench/quality.py --resume     # a cut-off run: keeps the seeds it finished
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from fsl_edge.models import load  # noqa: E402
 from fsl_edge.quality import heldout_samples  # noqa: E402
 from fsl_edge.sites import load_sites  # noqa: E402
 
+LOG = "quality-runs.jsonl"  # one line of options and site costs, then one line per seed
 ROWS = ("central", "u-shape", "vanilla", "balanced", "alone", "flower")
 
 
@@ -73,6 +75,9 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (training and probes)")
     ap.add_argument("--workdir", type=Path, default=ROOT / "runs" / "bench-quality")
     ap.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the site costs and the seeds a cut-off run with the same options "
+                         "finished (WORKDIR/quality-runs.jsonl)")
     return ap.parse_args()
 
 
@@ -135,12 +140,44 @@ def run_seed(args, loaded, seed: int, summaries: dict[str, RowSummary]) -> None:
             runs[f"alone:{site.name}"] = rows.alone(model, site, base, pad, score)
     if "flower" in args.rows:
         runs["flower"] = rows.flower(model, spec, data_dir, sites, base, args.threads, score)
+    add_runs(summaries, runs)
+    with open(args.workdir / LOG, "a") as log:
+        log.write(json.dumps({"seed": seed, "rows": {k: asdict(r) for k, r in runs.items()}}) + "\n")
+
+
+def add_runs(summaries: dict[str, RowSummary], runs: dict[str, rows.RowRun]) -> None:
     for key, run in runs.items():
         summaries.setdefault(key, RowSummary(run.name)).add(run.per, run.overall, run.exact,
                                                             run.seconds, run.by_kind)
-    with open(args.workdir / "quality-runs.jsonl", "a") as log:
-        rows_json = {k: asdict(r) for k, r in runs.items()}
-        log.write(json.dumps({"seed": seed, "rows": rows_json}) + "\n")
+
+
+def options(args) -> dict:
+    """What must match for a resumed run to continue a cut-off one (the seeds may grow)."""
+    skip = {"seeds", "resume", "no_write", "workdir"}
+    return {k: (sorted(v) if isinstance(v, list) else v) for k, v in vars(args).items()
+            if k not in skip}
+
+
+def start_log(args, loaded) -> tuple[dict[str, tuple[float, int]], dict[str, RowSummary], set]:
+    """The site costs, the summaries and the seeds done: resumed from the log, or new."""
+    path = args.workdir / LOG
+    summaries: dict[str, RowSummary] = {}
+    if args.resume and path.exists():
+        lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if not lines or lines[0].get("options") != options(args):
+            raise SystemExit(f"--resume: {path} was written with other options; run without "
+                             f"--resume to start over")
+        done = set()
+        for line in lines[1:]:
+            add_runs(summaries, {k: rows.RowRun(**r) for k, r in line["rows"].items()})
+            done.add(line["seed"])
+        print(f"resumed: seeds {sorted(done)} from {path}", flush=True)
+        return {k: tuple(v) for k, v in lines[0]["costs"].items()}, summaries, done
+    costs = site_costs(args, loaded)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"options": options(args), "costs": costs}) + "\n")
+    tmp.replace(path)
+    return costs, summaries, set()
 
 
 def site_costs(args, loaded) -> dict[str, tuple[float, int]]:
@@ -168,12 +205,11 @@ def main() -> None:
         from flower_baseline import require_flower
         require_flower()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    (args.workdir / "quality-runs.jsonl").unlink(missing_ok=True)
     loaded = load(args.model)
-    costs = site_costs(args, loaded)
-    summaries: dict[str, RowSummary] = {}
+    costs, summaries, done = start_log(args, loaded)
     for seed in args.seeds:
-        run_seed(args, loaded, seed, summaries)
+        if seed not in done:
+            run_seed(args, loaded, seed, summaries)
     for key, s in summaries.items():
         kind = "whole" if key == "flower" or key.startswith("alone:") else key
         s.cost = None if key in ("base", "central") else costs.get(kind)

@@ -21,7 +21,7 @@ from fsl_edge.errors import FslError
 
 from . import agent, audit, coordinator, data, deploy, enroll, models, simulate, status, up
 from . import report
-from . import eval as eval_cmd, export
+from . import eval as eval_cmd, export, worker
 
 app = typer.Typer(name="fsl-edge", no_args_is_help=True, add_completion=False,
                   help="Split federated fine-tuning of LLMs with LoRA, at the edge.")
@@ -31,6 +31,7 @@ app.add_typer(audit.app, name="audit")
 app.command("simulate")(simulate.simulate)
 app.command("status")(status.status)
 app.command("coordinator")(coordinator.coordinator)
+app.command("worker")(worker.worker)
 app.command("agent")(agent.agent)
 app.command("up")(up.up)
 app.command("deploy")(deploy.deploy)

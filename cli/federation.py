@@ -78,6 +78,8 @@ class Federation:
     """The sites agent_wrap and agent_broker apply to; None: every site."""
     keys: LocalKeys | None = None
     """The run's message keys; None: nothing is signed or checked."""
+    workers: int = 0
+    """Split-server workers to start (training.split.server 'per-site' runs need one or more)."""
     broker_env: dict[str, dict[str, str]] = field(default_factory=dict)
     """"coordinator" or a site -> its broker login (FSL_MQTT_*), as a deployment's Secret or a
     site bundle's agent.env gives it; none: the broker admits anyone (`fsl-edge up`)."""
@@ -102,10 +104,12 @@ class Federation:
     def threads(self) -> int:
         # N+1 processes share this machine's cores: oversubscribed torch threads cost far more
         # than they give (10-30x slower on 2 cores)
-        return max(1, (os.cpu_count() or 1) // (len(self.sites) + 1))
+        return max(1, (os.cpu_count() or 1) // (len(self.sites) + self.workers + 1))
 
     def start(self) -> None:
         self.start_coordinator()
+        for i in range(self.workers):
+            self.start_worker(f"w{i}")
         for name in self.sites:
             self.start_agent(name)
 
@@ -117,6 +121,13 @@ class Federation:
         keys = self.keys.coordinator_env(self.workdir / "keys") if self.keys else {}
         self._spawn("coordinator", ["coordinator", "--config", str(config)],
                     keys={**keys, **self.broker_env.get("coordinator", {})})
+
+    def start_worker(self, worker_id: str) -> None:
+        """Start a split-server worker; it exits when the run finishes."""
+        keys = self.keys.coordinator_env(self.workdir / "keys") if self.keys else {}
+        self._spawn(f"worker-{worker_id}", [
+            "worker", "--config", str(self.workdir / "coordinator.yaml"), "--worker-id", worker_id,
+            "--until-finished"], keys={**keys, **self.broker_env.get("worker", {})})
 
     def start_agent(self, name: str) -> None:
         """Start (or restart: it resumes from its own state) the agent of site `name`."""

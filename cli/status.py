@@ -228,6 +228,17 @@ def planner_table(s: Status) -> Table | None:
     return table
 
 
+def workers_table(s: Status, now: float) -> Table | None:
+    """Split-server workers (split.server per-site): when each was last heard, the sites'
+    trunk copies it has sent that closed rounds, the sites it served in its last round."""
+    if not s.workers:
+        return None
+    table = _table("split-server workers", "worker", "last seen", "copies", "last round's sites")
+    for name, w in sorted(s.workers.items()):
+        table.add_row(Text(name), _ago(w.last_seen, now), str(w.copies), ", ".join(w.sites) or "-")
+    return table
+
+
 def _seconds(x) -> str:
     """A figure of the plan's JSON (free-form in the status document), or '-'."""
     return format(x, ".3f") if isinstance(x, (int, float)) and not isinstance(x, bool) else "-"
@@ -245,7 +256,7 @@ def render(s: Status, now: float | None = None) -> Group:
     if s.history:
         parts.append(history_table(s))
         parts.append(contributions_table(s))
-    for extra in (selection_table(s), planner_table(s)):
+    for extra in (selection_table(s), planner_table(s), workers_table(s, now or time.time())):
         if extra is not None:
             parts.append(extra)
     rejected = {k: n for k, n in s.rejected.items() if n}

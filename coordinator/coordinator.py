@@ -19,6 +19,7 @@ import torch
 
 from fsl_edge import protocol
 from fsl_edge.compression import Downlink, StepCodec, apply
+from fsl_edge.config import ServerCopies
 from fsl_edge.ledger import LEDGER, Ledger
 from fsl_edge.robust import Quarantine, Verdict, aggregate_round
 from fsl_edge.errors import CodecError, ProtocolError
@@ -27,6 +28,7 @@ from fsl_edge.split import check_parity, discover
 from fsl_edge.status import AgentStatus, RoundRecord, Status, Traffic
 from fsl_edge.step import ServerPart, SitePart, party_options
 from fsl_edge.transport import MqttLink, Received
+from fsl_edge.trunk_copies import check_per_site
 from fsl_edge.wire import (Address, adapter_envelope, adapter_state, meta_number, raw_bytes,
                            step_message)
 
@@ -35,6 +37,7 @@ from .settings import CoordinatorSettings
 from .fleet import Fleet
 from .planning import record
 from .split_server import SplitServer
+from .workers import TrunkWorkers
 
 log = logging.getLogger("fsl_edge.coordinator")
 ME = "coordinator"
@@ -66,6 +69,10 @@ class Coordinator:
         self.fleet = Fleet(settings.training, model)
         self.pipes = settings.training.compression.pipelines()
         self.split = SplitServer(self.trunk, self.run_id, StepCodec(self.pipes))
+        # per-site trunk copies: split-server workers serve the steps, this process averages
+        check_per_site(settings.training)
+        self.workers = TrunkWorkers(self.run_id) \
+            if settings.training.split.server is ServerCopies.PER_SITE else None
         # the site adapter as the agents hold it; it moves by (compressed) deltas
         self.downlink = Downlink(self.pipes.download)
         self.incarnation = uuid.uuid4().hex[:8]
@@ -146,6 +153,11 @@ class Coordinator:
             if now - self.round_started > rt.round_timeout_s:
                 for agent in sorted(self.members - set(self.uploads)):
                     self.gone(agent, "round deadline")
+                if self.workers is not None:  # uploaded, but its worker's copy never came
+                    for agent in sorted(self.workers.missing(set(self.uploads))):
+                        log.warning("round %d goes on without %s: no trunk copy", self.round, agent)
+                        self.members.discard(agent)
+                        del self.uploads[agent]
         if self.active:
             self.maybe_close()
         elif not self.finished:
@@ -163,6 +175,8 @@ class Coordinator:
     # --- messages ---
     def handle(self, received: Received) -> None:
         env, agent = received.envelope, received.topic.agent
+        if received.topic.channel == "worker" and self.workers is not None:
+            return self.on_worker(agent, env)
         if agent == ME or received.topic.channel not in ("up", "status"):
             return
         if env.run_id != self.run_id:
@@ -265,7 +279,20 @@ class Coordinator:
             self.send(agent, self.starts[agent][0] if self.fleet.hetero
                       else self.start_full if full else self.start_msg)
 
+    def on_worker(self, worker: str, env: Envelope) -> None:
+        if env.run_id != self.run_id:
+            return self.reject("wrong_run", worker, f"run {env.run_id!r}")
+        try:
+            for topic, reply in self.workers.on_message(worker, env, self.members if self.active else set()):
+                self.link.publish(topic, reply)
+        except (ProtocolError, CodecError) as e:
+            self.reject("malformed", worker, str(e))
+        self.status.workers = self.workers.workers
+
     def on_step(self, agent: str, env: Envelope) -> None:
+        if self.workers is not None:
+            return self.reject("malformed", agent, f"{env.kind.name}: this run's steps are "
+                               "served by split-server workers (split.server 'per-site')")
         # the content is checked first, whatever the round: a bad tensor is refused as such
         message = step_message(env, protocol.Limits().max_tensor_bytes)
         if env.kind is MessageKind.ACTIVATION_UP:
@@ -376,7 +403,11 @@ class Coordinator:
                                self.downlink.shared, self.downlink.version,
                                copy.deepcopy(self.trunk.selector.state_dict()))
         train = self.settings.training.train
-        self.split.begin_round(self.round, agents, train.steps)
+        if self.workers is None:
+            self.split.begin_round(self.round, agents, train.steps)
+        else:  # before the agents hear of the round, so the trunk is there for their first steps
+            self.link.publish(*self.workers.begin(self.round, self.attempt, train.steps,
+                                                  self.trunk.adapter()))
         base_version = self.version
         if self.fleet.hetero:  # each agent its own blocks at its own rank, in full
             self.downlink.version += 1
@@ -417,10 +448,17 @@ class Coordinator:
             self.trunk.optimizer.load_state_dict(optimizer)
             self.active, self.round = False, self.round - 1
             self.status.round = self.round
+            if self.workers is not None:
+                self.workers.end()
             return
         if not self.split.finished or not self.members <= set(self.uploads):
             return
+        if self.workers is not None and self.workers.missing(set(self.uploads)):
+            return
         names = sorted(self.uploads)
+        if self.workers is not None:  # SplitFed-V1: the round's trunk is the copies' average
+            self.trunk.load_adapter(self.workers.close({a: self.uploads[a].tokens for a in names}))
+            self.status.workers = self.workers.workers
         robust = self.settings.training.robust
         if self.fleet.hetero:  # per-layer FedAvg across cuts and ranks (check_hetero: no screens)
             self.site_adapter = self.fleet.close(

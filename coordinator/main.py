@@ -7,6 +7,7 @@ import logging
 from fsl_edge import protocol
 from fsl_edge.auth import coordinator_authenticator
 from fsl_edge.atomic import write_atomic
+from fsl_edge.config import ServerCopies
 from fsl_edge.models import load
 from fsl_edge.status import Status
 from fsl_edge.transport import BrokerLogin, MqttLink
@@ -29,7 +30,9 @@ def run_coordinator(settings: CoordinatorSettings, stop=lambda: False,
         log.warning("no node keys configured (FSL_NODE_KEYS_DIR): messages are neither signed "
                     "nor checked")
     link = MqttLink(rt.broker, f"fsl-{rt.run_id}-{ME}",
-                    [protocol.topic_all_up(rt.run_id), protocol.topic_all_status(rt.run_id)],
+                    [protocol.topic_all_up(rt.run_id), protocol.topic_all_status(rt.run_id)]
+                    + ([protocol.topic_all_worker_up(rt.run_id)]
+                       if settings.training.split.server is ServerCopies.PER_SITE else []),
                     will=(status_topic, protocol.STATUS_OFFLINE),
                     online=(status_topic, protocol.STATUS_ONLINE), max_packet=rt.max_packet,
                     bounds=rt.bounds, login=BrokerLogin.from_env(), authenticator=authenticator)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from fsl_edge import protocol
 from fsl_edge.compression import StepCodec, Uplink, apply
-from fsl_edge.config import LearningSettings, SplitMode
+from fsl_edge.config import LearningSettings, ServerCopies, SplitMode
 from fsl_edge.data import BatchStream
 from fsl_edge.errors import ProtocolError
 from fsl_edge.planner import NodePlan
@@ -71,6 +71,10 @@ class Agent:
         self.version: str | None = None
         self.rounds_done = 0
         self.limits = protocol.Limits()
+        # split.server per-site: split-server workers serve the steps; a round's first step goes
+        # to whichever the broker picks, the rest to the worker that answered it
+        self.workers = False
+        self.step_topic: str | None = None
         # the coordinator's grace decides when this agent counts as gone: its welcome says how
         # often to beat and to resend, and those replace the agent's own until then
         self.timing = settings.runtime.timing()
@@ -78,7 +82,9 @@ class Agent:
 
     # --- messaging ---
     def send(self, env: Envelope) -> None:
-        self.link.publish(protocol.topic_up(self.run_id, self.me), env)
+        step = env.kind in (MessageKind.ACTIVATION_UP, MessageKind.GRADIENT_UP)
+        self.link.publish(self.step_topic if step and self.step_topic
+                          else protocol.topic_up(self.run_id, self.me), env)
 
     def request(self, env: Envelope, answers: set[MessageKind], round_: int | None = None,
                 step: int | None = None, send: bool = True, interruptible: bool = True) -> Envelope:
@@ -141,6 +147,9 @@ class Agent:
         send, sent_hidden = True, any(t.name == "hidden" for t in env.tensors)
         while True:
             reply = self.request(env, {answer}, round_, step, send=send)
+            worker = reply.meta.get("worker")
+            if self.workers and isinstance(worker, str) and protocol.valid_id(worker):
+                self.step_topic = protocol.topic_step_to(self.run_id, self.me, worker)
             if reply.meta.get("need_hidden") is not True:
                 return step_message(reply, self.limits.max_tensor_bytes)
             if sent_hidden:  # a late answer to a resend of the keys: the activations are on their way
@@ -182,7 +191,9 @@ class Agent:
             # after the welcome: a heartbeat before it would only count as an unknown agent; from
             # here it keeps the agent alive through the model load
             beat.start()
-            pipes = LearningSettings.model_validate(welcome.meta["training"]).compression.pipelines()
+            training = LearningSettings.model_validate(welcome.meta["training"])
+            pipes = training.compression.pipelines()
+            self.workers = training.split.server is ServerCopies.PER_SITE
             self.codec, self.uplink = StepCodec(pipes), Uplink(pipes.upload)
             part, self.stream = self.build(welcome.meta)
             if isinstance(part, Deferred):
@@ -237,6 +248,7 @@ class Agent:
             self.snapshot.sync = (self.shared, self.version, dict(self.uplink.residual))
         start = self.base_of(start)
         self.attempt = start.meta.get("attempt")
+        self.step_topic = protocol.topic_step(self.run_id, self.me) if self.workers else None
         # an interrupted step may have left gradients behind (back blocks done, front not)
         part.optimizer.zero_grad(set_to_none=True)
         part.load_adapter(self.shared)

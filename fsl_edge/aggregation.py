@@ -1,8 +1,8 @@
 """Aggregation as pure functions over adapter state dicts.
 
 `fedavg` averages site adapters weighted by the tokens each site trained on (FedIT, FlowerTune).
-`average_server_copies` is SplitFed-V1's end-of-round average of several trunk copies (one per
-split-server worker when the server is scaled out); with one copy (SplitFed-V2) it is the copy.
+`average_server_copies` is the plain average of several trunk copies; the runtime's SplitFed-V1
+(fsl_edge.trunk_copies: a trunk copy per site) weights them by tokens with `fedavg` instead.
 """
 
 from __future__ import annotations

@@ -57,6 +57,9 @@ SIGNING_KEY_FILE = "coordinator-signing.key"
 """In a local node store: the coordinator's signing key, made by the first `enroll --local`."""
 COORDINATOR = "coordinator"
 """The coordinator's name as a sender (fsl_edge.coordinator.coordinator.ME)."""
+WORKER_PREFIX = "worker."
+"""A split-server worker's sender name is this and its id; it signs with the coordinator's key
+(it is the coordinator's process, scaled out), so whoever trusts the coordinator trusts it."""
 KEY_BYTES = 32
 
 # Why a message was dropped: the names /status counts them under.
@@ -342,8 +345,10 @@ class Authenticator:
         key = self.trusted.get(env.sender)
         if key is None:
             return UNKNOWN_NODE
-        if topic.channel == "up" and env.sender != topic.agent:
+        if topic.channel in ("up", "step") and env.sender != topic.agent:
             return FORGED  # a node speaking on another node's topic
+        if topic.channel == "worker" and env.sender != WORKER_PREFIX + topic.agent:
+            return FORGED
         if sig.scheme != key.scheme or not key.verify(topic_name, [sig.signed], sig.mac):
             return FORGED
         if env.run_id != topic.run:
@@ -363,7 +368,20 @@ def agent_authenticator(agent_id: str, environ: Mapping[str, str] | None = None)
         raise ConfigError(f"{NODE_KEY_ENV} and {COORDINATOR_PUBKEY_ENV} go together: set both "
                           "(the agent.env of `fsl-edge enroll` has both), or neither for an "
                           "unauthenticated federation")
-    return Authenticator(Signer(agent_id, node_key(mine)), {COORDINATOR: public_key(theirs)})
+    return Authenticator(Signer(agent_id, node_key(mine)), WithWorkers({COORDINATOR: public_key(theirs)}))
+
+
+@dataclass
+class WithWorkers:
+    """Keys by sender, where the coordinator's is also every split-server worker's."""
+
+    keys: KeyLookup | Mapping[str, Key]
+    coordinator: Key | None = None  # None: the key keys has for COORDINATOR
+
+    def get(self, sender: str) -> Key | None:
+        if sender == COORDINATOR or sender.startswith(WORKER_PREFIX):
+            return self.coordinator or self.keys.get(COORDINATOR)
+        return self.keys.get(sender)
 
 
 def coordinator_authenticator(sender: str = COORDINATOR, require: bool | None = None,
@@ -391,7 +409,8 @@ def coordinator_authenticator(sender: str = COORDINATOR, require: bool | None = 
             signing = local.read_text()
         except OSError as e:
             raise ConfigError(f"cannot read {local}: {e.strerror}") from e
-    return Authenticator(Signer(sender, signing_key(signing)), NodeKeys(folder), require is not False)
+    key = signing_key(signing)
+    return Authenticator(Signer(sender, key), WithWorkers(NodeKeys(folder), key), require is not False)
 
 
 class RateLimitedLog:

@@ -23,6 +23,17 @@ class SplitMode(str, Enum):
     so the labels (= the text, shifted by one) are sent to it. Half the traffic; leaks the text."""
 
 
+class ServerCopies(str, Enum):
+    SHARED = "shared"
+    """Default (SplitFed-V2). One trunk copy, trained by every site's steps in turn, served by
+    the coordinator itself."""
+    PER_SITE = "per-site"
+    """SplitFed-V1. Each site's steps train its own copy of the round's trunk (fresh optimizer
+    state each round); the round closes with the token-weighted average of the copies. Served by
+    split-server workers (`fsl-edge worker`), any number, which share the sites through an MQTT
+    shared subscription: the result does not depend on how many or which worker serves a site."""
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -63,6 +74,9 @@ class SplitSettings(_Strict):
     """Blocks the site runs before the server's part: the cut a. None: 2 (or 1 in a tiny model)."""
     back: int | None = Field(None, ge=0)
     """u-shape only: blocks the site runs after the server's part (L - b). None: 1."""
+    server: ServerCopies = ServerCopies.SHARED
+    """shared: one trunk copy served by the coordinator; per-site: a copy per site, averaged
+    each round, served by split-server workers that scale out (see ServerCopies)."""
 
     def cut(self, n_blocks: int) -> "Cut":
         """Resolve to block indices for a model of `n_blocks` blocks, or raise SplitError."""

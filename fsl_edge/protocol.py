@@ -40,7 +40,7 @@ from typing import Any, NamedTuple
 import torch
 
 from fsl_edge import codec
-from fsl_edge.auth import MAC_BYTES, Scheme, Signer
+from fsl_edge.auth import MAC_BYTES, WORKER_PREFIX, Scheme, Signer  # noqa: F401 (WORKER_PREFIX)
 from fsl_edge.errors import ProtocolError
 
 PROTOCOL_VERSION = 1
@@ -90,6 +90,10 @@ _U8, _U64 = struct.Struct("<B"), struct.Struct("<Q")
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # topic-safe: no '/', '+', '#'
 
 
+def valid_id(value: object) -> bool:
+    return isinstance(value, str) and _ID.fullmatch(value) is not None
+
+
 def check_id(value: str, what: str) -> str:
     """Return value if it is a valid run or agent id, else raise ProtocolError saying why."""
     if not isinstance(value, str) or not _ID.fullmatch(value):
@@ -134,10 +138,54 @@ def topic_probe(run: str, agent: str) -> str:
     return f"fsl/{check_id(run, 'run id')}/probe/{check_id(agent, 'agent id')}"
 
 
+# --- split-server workers (SplitFed-V1, training.split.server "per-site") ------------------------
+# An agent's first step of a round goes to the workers' shared subscription: one worker gets it,
+# serves that agent for the rest of the round, and says so in its reply; the agent then sends its
+# steps to that worker alone. A worker signs as auth.WORKER_PREFIX + its id, with the
+# coordinator's key.
+
+SHARE_GROUP = "fsl-split"  # the workers' shared-subscription group
+
+
+def topic_step(run: str, agent: str) -> str:
+    """Agent -> whichever worker the broker picks (a round's first step)."""
+    return f"fsl/{check_id(run, 'run id')}/agent/{check_id(agent, 'agent id')}/step"
+
+
+def topic_step_to(run: str, agent: str, worker: str) -> str:
+    """Agent -> the worker serving it this round."""
+    return f"{topic_step(run, agent)}/{check_id(worker, 'worker id')}"
+
+
+def topic_shared_steps(run: str) -> str:
+    """The workers' shared subscription to every agent's first steps."""
+    return f"$share/{SHARE_GROUP}/fsl/{check_id(run, 'run id')}/agent/+/step"
+
+
+def topic_worker_steps(run: str, worker: str) -> str:
+    """One worker's subscription to the steps of the agents it serves."""
+    return f"fsl/{check_id(run, 'run id')}/agent/+/step/{check_id(worker, 'worker id')}"
+
+
+def topic_trunk(run: str) -> str:
+    """Coordinator -> every worker: the round's trunk adapter."""
+    return f"fsl/{check_id(run, 'run id')}/trunk"
+
+
+def topic_worker_up(run: str, worker: str) -> str:
+    """Worker -> coordinator: its hello, and each agent's trunk copy at the agent's last step."""
+    return f"fsl/{check_id(run, 'run id')}/worker/{check_id(worker, 'worker id')}/up"
+
+
+def topic_all_worker_up(run: str) -> str:
+    return f"fsl/{check_id(run, 'run id')}/worker/+/up"
+
+
 class Topic(NamedTuple):
     run: str
-    channel: str  # "up" | "down" | "broadcast" | "status" | "probe"
-    agent: str | None
+    channel: str  # "up" | "down" | "step" | "broadcast" | "status" | "probe" | "trunk" | "worker"
+    agent: str | None  # the agent (up, down, step, status, probe), the worker (worker)
+    worker: str | None = None  # step: the worker it is addressed to; None: any worker
 
 
 def parse_topic(topic: str) -> Topic:
@@ -146,8 +194,13 @@ def parse_topic(topic: str) -> Topic:
     if len(parts) >= 3 and parts[0] == "fsl" and _ID.fullmatch(parts[1]):
         if len(parts) == 5 and parts[2] == "agent" and parts[4] in ("up", "down") and _ID.fullmatch(parts[3]):
             return Topic(parts[1], parts[4], parts[3])
-        if len(parts) == 3 and parts[2] == "broadcast":
-            return Topic(parts[1], "broadcast", None)
+        if len(parts) == 3 and parts[2] in ("broadcast", "trunk"):
+            return Topic(parts[1], parts[2], None)
+        if len(parts) in (5, 6) and parts[2] == "agent" and parts[4] == "step" \
+                and all(_ID.fullmatch(p) for p in parts[5:] + [parts[3]]):
+            return Topic(parts[1], "step", parts[3], parts[5] if len(parts) == 6 else None)
+        if len(parts) == 5 and parts[2] == "worker" and parts[4] == "up" and _ID.fullmatch(parts[3]):
+            return Topic(parts[1], "worker", parts[3])
         if len(parts) == 4 and parts[2] in ("status", "probe") and _ID.fullmatch(parts[3]):
             return Topic(parts[1], parts[2], parts[3])
     raise ProtocolError(f"topic {topic!r} is not part of the fsl-edge protocol")

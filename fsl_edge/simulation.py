@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 from .compression import Downlink, StepCodec, Uplink, apply, payload_bytes
-from .config import LearningSettings
+from .config import LearningSettings, ServerCopies
 from .errors import ConfigError
 from .hetero import hand_back
 from .nodes import check_hetero, close_round, initial_global, node_setup, uniform
@@ -27,6 +27,8 @@ from .messages import ADAPTER_DOWN, ADAPTER_UP, KINDS
 from .robust import aggregate_round
 from .split import check_parity, discover
 from .step import ServerPart, SitePart, party_options, split_eval, split_step
+from .trunk_copies import TrunkCopies, check_per_site
+from .trunk_copies import average as average_copies
 
 
 @dataclass
@@ -95,6 +97,7 @@ def simulate(model: torch.nn.Module, sites: Sequence[SiteData], settings: Learni
     if settings.planner.enabled and plan is None:
         raise ConfigError("planner.enabled: the simulation needs the plan (planner.plan on the "
                           "nodes' profiles); or pin each site's cut and rank in planner.pins")
+    check_per_site(settings)
     torch.manual_seed(train.seed)
     n_blocks = discover(model).n_blocks
     setups = {s.name: node_setup(settings, n_blocks, s.name, plan) for s in sites}
@@ -110,6 +113,8 @@ def simulate(model: torch.nn.Module, sites: Sequence[SiteData], settings: Learni
                       **party_options(settings),
                       cache=None if cache_dir is None else (Path(cache_dir) / s.name, cache_bytes))
              for s in sites]
+    # split.server per-site (SplitFed-V1): each site's steps train its own copy of the trunk
+    copies = TrunkCopies(server) if settings.split.server is ServerCopies.PER_SITE else None
     for part, s in zip(parts, sites):
         part.data_digest = examples_digest(s.train)
         part.prefix.prepare(settings.prefix.frozen)  # an export, as agents do before their rounds
@@ -168,13 +173,19 @@ def simulate(model: torch.nn.Module, sites: Sequence[SiteData], settings: Learni
                 part.load_adapter(base)
         losses = {s.name: 0.0 for s in sites}
         tokens = {s.name: 0 for s in sites}
+        if copies:
+            copies.begin_round(server.adapter())
         for _ in range(train.steps):
             for i, (site, part) in enumerate(zip(sites, parts)):
+                if copies:
+                    copies.use(site.name)
                 result = split_step(part, server, next(streams[i]), key=i, codec=codec)
                 losses[site.name] += result.loss / train.steps
                 tokens[site.name] += result.tokens
                 for kind, n in result.bytes.items():
                     sent[kind] += n
+        if copies:
+            server.load_adapter(average_copies({s.name: copies.state(s.name) for s in sites}, tokens))
         deltas = []
         for part, uplink, b in zip(parts, uplinks, bases):
             send, decoded = uplink.delta(part.adapter(), b)

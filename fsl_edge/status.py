@@ -50,6 +50,17 @@ class AgentStatus(BaseModel):
     hit_rate (empty without a frozen prefix)."""
 
 
+class WorkerStatus(BaseModel):
+    """A split-server worker (training.split.server 'per-site'), as the coordinator hears it."""
+
+    last_seen: float | None = None
+    """Unix time of its last message."""
+    copies: int = 0
+    """Sites' trunk copies it sent that closed a round (one per site and round it served)."""
+    sites: list[str] = Field(default_factory=list)
+    """The sites whose copies it sent in the last round it served."""
+
+
 class RoundRecord(BaseModel):
     round: int
     participants: list[str]
@@ -106,6 +117,8 @@ class Status(BaseModel):
     """With `planner.enabled`, once the first round's agents are planned (else None): the plan
     (`planner.Plan` as JSON), each node's entry with its predicted seconds per step (`step_s`)
     and `measured_step_s`, its last round as the coordinator saw it (start to upload, per step)."""
+    workers: dict[str, WorkerStatus] = Field(default_factory=dict)
+    """Split-server workers by id (training.split.server 'per-site'); empty otherwise."""
 
     @computed_field
     @property

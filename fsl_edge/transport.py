@@ -80,9 +80,12 @@ class BrokerLogin:
 
 
 def sender_of(topic: protocol.Topic) -> str | None:
-    """Whose queue a message waits in: the agent's for what agents send (up, status); one queue
+    """Whose queue a message waits in: the agent's for what agents send (up, step, status), a
+    worker's for what it sends; one queue
     (None) for what the coordinator sends (down, broadcast), which keeps those in order."""
-    return topic.agent if topic.channel in ("up", "status") else None
+    if topic.channel == "worker":
+        return "worker:" + topic.agent  # apart from an agent of the same name
+    return topic.agent if topic.channel in ("up", "step", "status") else None
 
 
 @dataclass

@@ -54,8 +54,9 @@ def deploy(settings: DeploySettings, *, dry_run: bool = False, output: Path | No
         result.server_version = cluster.server_version()
         _check_immutable(cluster, settings, objects)
         broker_names = pki.broker_names(ns, names.BROKER, settings.expose.host)
+        workers = settings.split_workers.replicas > 0
         plan = plan_secrets(lambda name: cluster.get_secret(ns, name), ns, broker_names,
-                            settings.client_certificates)
+                            settings.client_certificates, workers)
         result.notes += plan.notes
 
         namespace = [o for o in objects if o["kind"] == "Namespace"]
@@ -63,6 +64,8 @@ def deploy(settings: DeploySettings, *, dry_run: bool = False, output: Path | No
         for obj in namespace + plan.writes + [o for o in objects if o["kind"] != "Namespace"]:
             stored[(obj["kind"], obj["metadata"]["name"])] = cluster.apply(obj)
             result.applied.append(f"{obj['kind'].lower()}/{obj['metadata']['name']}")
+        if not workers:
+            _remove_workers(cluster, ns, result)
 
         service = stored[("Service", names.BROKER)]
         needs_address = settings.expose.mode is Exposure.LOADBALANCER and not settings.expose.host
@@ -70,6 +73,8 @@ def deploy(settings: DeploySettings, *, dry_run: bool = False, output: Path | No
         if wait:
             checks = [rollout.workload(cluster, ns, "apps/v1", "Deployment", names.BROKER),
                       rollout.workload(cluster, ns, "apps/v1", "StatefulSet", names.COORDINATOR)]
+            if workers:
+                checks.append(rollout.workload(cluster, ns, "apps/v1", "Deployment", names.WORKER))
             found: list[str] = []
             if needs_address:
                 check, found = rollout.load_balancer(cluster, ns, names.BROKER)
@@ -100,6 +105,16 @@ def _check_immutable(cluster: Cluster, s: DeploySettings, objects: list[dict]) -
             f"{f' of class {s.storage.class_name}' if s.storage.class_name else ''}): a "
             "StatefulSet's volume claims are immutable; keep the old values, or resize the "
             "PVC itself (kubectl edit pvc)")
+
+
+def _remove_workers(cluster: Cluster, ns: str, result: DeployResult) -> None:
+    """Delete the split-server workers a former deploy made: their broker login is gone."""
+    removed = [kind for api, kind in (("autoscaling/v2", "HorizontalPodAutoscaler"),
+                                      ("apps/v1", "Deployment"))
+               if cluster.delete(api, kind, ns, names.WORKER)]
+    if removed:
+        result.notes.append(f"removed the split-server workers ({' and '.join(removed)} "
+                            f"{names.WORKER}): split_workers.replicas is 0")
 
 
 def _cover_address(cluster: Cluster, ns: str, broker_names: list[str], ca, result) -> None:

@@ -77,13 +77,14 @@ def acl_blocks(acl: str) -> tuple[list[str], dict[str, list[str]]]:
     return head, blocks
 
 
-def with_acl(acl: str, user: str, topics: list[str]) -> str:
-    """`acl` where `user` may exactly read and write `topics`: unchanged if it already may.
+def with_acl(acl: str, user: str, topics: list[str | tuple[str, str]]) -> str:
+    """`acl` where `user` may exactly use `topics`: unchanged if it already may.
 
-    Only that user's `topic` lines change, where they stand; every other line (other users'
-    blocks, comments such as enroll's markers, blank lines) is kept byte for byte. A user
-    without a block gets one at the end."""
-    wanted = [f"topic readwrite {t}" for t in topics]
+    A topic is a filter it may read and write, or an (access, filter) pair. Only that user's
+    `topic` lines change, where they stand; every other line (other users' blocks, comments
+    such as enroll's markers, blank lines) is kept byte for byte. A user without a block gets
+    one at the end."""
+    wanted = _topic_lines(topics)
     if acl_blocks(acl)[1].get(user) == wanted:
         return acl
     out: list[str] = []
@@ -104,6 +105,48 @@ def with_acl(acl: str, user: str, topics: list[str]) -> str:
             out.append("")
         out += [f"user {user}", *wanted]
     return "\n".join(out) + "\n"
+
+
+def with_acl_entries(acl: str, user: str, topics: list[str | tuple[str, str]]) -> str:
+    """`acl` where `user`'s block also holds `topics`: the ones it lacks are added after its
+    last `topic` line, and nothing else changes. A user without a block is left without one."""
+    lines = acl.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.split() == ["user", user]), None)
+    if start is None:
+        return acl
+    last = end = start
+    while end + 1 < len(lines) and lines[end + 1].split()[:1] not in (["user"], ["pattern"]):
+        end += 1
+        if lines[end].split()[:1] == ["topic"]:
+            last = end
+    have = {" ".join(line.split()) for line in lines[start + 1:end + 1]}
+    missing = [line for line in _topic_lines(topics) if line not in have]
+    if not missing:
+        return acl
+    lines[last + 1:last + 1] = missing
+    return "\n".join(lines) + "\n"
+
+
+def without_user(passwd: str, acl: str, user: str) -> tuple[str, str]:
+    """(`passwd`, `acl`) without `user`'s password line, `user` line and `topic` lines; every
+    other line (comments and blank lines included) is kept."""
+    passwd_lines = [line for line in passwd.splitlines()
+                    if line.startswith("#") or line.split(":", 1)[0] != user]
+    acl_lines: list[str] = []
+    inside = False
+    for line in acl.splitlines():
+        words = line.split()
+        if words[:1] in (["user"], ["pattern"]):
+            inside = words == ["user", user]
+        if not (inside and words[:1] in (["user"], ["topic"])):
+            acl_lines.append(line)
+    return (("\n".join(passwd_lines) + "\n") if passwd_lines else "",
+            ("\n".join(acl_lines) + "\n") if acl_lines else "")
+
+
+def _topic_lines(topics: list[str | tuple[str, str]]) -> list[str]:
+    pairs = [("readwrite", t) if isinstance(t, str) else t for t in topics]
+    return [f"topic {access} {topic}" for access, topic in pairs]
 
 
 def _b64(raw: bytes) -> str:

@@ -36,6 +36,8 @@ _KINDS: dict[tuple[str, str], tuple[str, str, bool]] = {
     ("apps/v1", "Deployment"): ("AppsV1Api", "namespaced_deployment", True),
     ("networking.k8s.io/v1", "NetworkPolicy"): ("NetworkingV1Api", "namespaced_network_policy", True),
     ("policy/v1", "PodDisruptionBudget"): ("PolicyV1Api", "namespaced_pod_disruption_budget", True),
+    ("autoscaling/v2", "HorizontalPodAutoscaler"): ("AutoscalingV2Api",
+                                                    "namespaced_horizontal_pod_autoscaler", True),
 }
 APPLY_CONTENT_TYPE = "application/apply-patch+yaml"
 
@@ -125,6 +127,14 @@ class Cluster:
                       _content_type=APPLY_CONTENT_TYPE, _preload_content=False,
                       _request_timeout=self.timeout_s)
             return json.loads(resp.data)
+
+    def delete(self, api_version: str, kind: str, namespace: str, name: str) -> bool:
+        """Delete a namespaced object; False if there was none."""
+        fn, _ = self._method("delete", api_version, kind)
+        with self._errors(f"delete {kind} {name}", missing_ok=True):
+            fn(name, namespace, _preload_content=False, _request_timeout=self.timeout_s)
+            return True
+        return False
 
     def get_secret(self, namespace: str, name: str) -> StoredSecret | None:
         """A Secret's decoded data, labels and resourceVersion, or None if there is none."""

@@ -15,6 +15,9 @@ COORDINATOR = "fsl-coordinator"
 """The coordinator's StatefulSet, Service and broker username."""
 BROKER = "fsl-broker"
 """The broker's Deployment and Service."""
+WORKER = "fsl-worker"
+"""The split-server workers' Deployment and HorizontalPodAutoscaler, and the broker username
+every worker replica shares (deployment config `split_workers`)."""
 BROKER_PORT = 8883
 """MQTT over TLS, the broker's only listener."""
 STATUS_PORT = 8780
@@ -42,13 +45,22 @@ SIGNING_PUBLIC_KEY = "public"
 COORDINATOR_CLIENT_TLS_SECRET = "fsl-coordinator-client-tls"
 """kubernetes.io/tls: the coordinator's client certificate from the broker CA, for mutual TLS
 (deployment config `client_certificates`); issued by deploy, re-issued before it expires."""
+WORKER_MQTT_SECRET = "fsl-worker-mqtt"
+"""Opaque: `username` and `password` of the workers' broker identity; created once, while
+workers are deployed."""
+WORKER_CLIENT_TLS_SECRET = "fsl-worker-client-tls"
+"""kubernetes.io/tls: the workers' client certificate from the broker CA (mutual TLS), as
+COORDINATOR_CLIENT_TLS_SECRET is the coordinator's."""
 CLIENT_TLS_DIR = "/etc/fsl-edge/client-tls"
-"""Where the coordinator sees that Secret (FSL_MQTT_CERT_FILE, FSL_MQTT_KEY_FILE)."""
+"""Where the coordinator (and a worker, its own) sees that Secret (FSL_MQTT_CERT_FILE,
+FSL_MQTT_KEY_FILE)."""
 CA_FILE = "/etc/fsl-edge/tls/ca.crt"
 """Where the coordinator sees the broker's CA (FSL_MQTT_CA_FILE)."""
 
 COORDINATOR_ACL_TOPICS = ("fsl/#",)
-"""What the coordinator may read and write: every run's topics."""
+"""What the coordinator may read and write: every run's topics (with split-server workers, the
+trunk it sends them and the worker-up topics it reads among them). The workers' and the sites'
+topics are fsl_edge.deploy.topics'."""
 
 LABELS = {"app.kubernetes.io/part-of": "fsl-edge", "app.kubernetes.io/managed-by": "fsl-edge"}
 """Labels on the Secrets fsl-edge creates; a Secret without them was brought by the user."""

@@ -3,7 +3,8 @@
 k8s/ stays the one copy of the manifests. Rendering writes a kustomization into a temporary
 folder that references the base's overlay and components and sets only what the config
 decides (namespace, images, the coordinator's and the broker's config files, GPUs, storage,
-node port, mutual TLS), then runs kustomize on it. No cluster is contacted.
+node port, mutual TLS, the split-server workers and their autoscaler), then runs kustomize on
+it. No cluster is contacted.
 """
 
 from __future__ import annotations
@@ -77,19 +78,23 @@ def kustomization(s: DeploySettings, root: Path, workdir: Path) -> dict:
                             "value": s.storage.class_name})
     patches = [{"target": sts, "patch": yaml.safe_dump(storage_ops)}]
     if s.gpus:
-        patches.append({"target": sts, "patch": yaml.safe_dump([{
-            "op": "replace", "value": s.gpus,
-            "path": "/spec/template/spec/containers/0/resources/limits/nvidia.com~1gpu"}])})
+        patches.append({"target": sts, "patch": yaml.safe_dump([gpu_op(s.gpus)])})
     if s.expose.node_port is not None:
         patches.append({"target": {"kind": "Service", "name": names.BROKER},
                         "patch": yaml.safe_dump([{"op": "add", "path": "/spec/ports/0/nodePort",
                                                   "value": s.expose.node_port}])})
     generated = [{"name": "fsl-coordinator-config", "behavior": "replace", "files": ["coordinator.yaml"]}]
     if s.client_certificates:
-        patches.append({"target": sts, "patch": yaml.safe_dump(client_tls_ops())})
+        patches.append({"target": sts, "patch": yaml.safe_dump(
+            client_tls_ops(names.COORDINATOR_CLIENT_TLS_SECRET))})
         generated.append({"name": "fsl-broker-config", "behavior": "replace",
                           "files": ["mosquitto.conf"]})
     components = [] if s.expose.mode is Exposure.NONE else [rel("components", f"expose-{s.expose.mode.value}")]
+    if s.split_workers.replicas:
+        components.append(rel("components", "split-workers"))
+        if s.gpus:
+            components.append(rel("components", "split-workers-gpu"))
+        patches += worker_patches(s)
     return {
         "apiVersion": "kustomize.config.k8s.io/v1beta1",
         "kind": "Kustomization",
@@ -101,6 +106,27 @@ def kustomization(s: DeploySettings, root: Path, workdir: Path) -> dict:
         "configMapGenerator": generated,
         "patches": patches,
     }
+
+
+def worker_patches(s: DeploySettings) -> list[dict]:
+    """The split-server workers' GPUs and client certificate, and their autoscaler's bounds."""
+    workers = {"kind": "Deployment", "name": names.WORKER}
+    ops = [gpu_op(s.gpus)] if s.gpus else []
+    if s.client_certificates:
+        ops += client_tls_ops(names.WORKER_CLIENT_TLS_SECRET)
+    hpa = [{"op": "replace", "path": "/spec/minReplicas", "value": s.split_workers.replicas},
+           {"op": "replace", "path": "/spec/maxReplicas", "value": s.split_workers.ceiling},
+           {"op": "replace", "path": "/spec/metrics/0/resource/target/averageUtilization",
+            "value": s.split_workers.target_cpu_percent}]
+    return ([{"target": workers, "patch": yaml.safe_dump(ops)}] if ops else []) + [
+        {"target": {"kind": "HorizontalPodAutoscaler", "name": names.WORKER},
+         "patch": yaml.safe_dump(hpa)}]
+
+
+def gpu_op(gpus: int) -> dict:
+    """The JSON-patch op setting a workload's first container's GPU count."""
+    return {"op": "replace", "value": gpus,
+            "path": "/spec/template/spec/containers/0/resources/limits/nvidia.com~1gpu"}
 
 
 def broker_conf(root: Path, client_certificates: bool) -> str:
@@ -118,8 +144,8 @@ def broker_conf(root: Path, client_certificates: bool) -> str:
             "from the CA too\nrequire_certificate true" + text[at:])
 
 
-def client_tls_ops() -> list[dict]:
-    """JSON-patch ops giving the coordinator its client certificate (mutual TLS)."""
+def client_tls_ops(secret: str) -> list[dict]:
+    """JSON-patch ops giving a workload its client certificate (mutual TLS) from `secret`."""
     spec = "/spec/template/spec"
     env = [{"name": "FSL_MQTT_CERT_FILE", "value": f"{names.CLIENT_TLS_DIR}/tls.crt"},
            {"name": "FSL_MQTT_KEY_FILE", "value": f"{names.CLIENT_TLS_DIR}/tls.key"}]
@@ -127,8 +153,7 @@ def client_tls_ops() -> list[dict]:
             {"op": "add", "path": f"{spec}/containers/0/volumeMounts/-",
              "value": {"name": "client-tls", "mountPath": names.CLIENT_TLS_DIR, "readOnly": True}},
             {"op": "add", "path": f"{spec}/volumes/-", "value": {
-                "name": "client-tls",
-                "secret": {"secretName": names.COORDINATOR_CLIENT_TLS_SECRET, "defaultMode": 0o440}}}]
+                "name": "client-tls", "secret": {"secretName": secret, "defaultMode": 0o440}}}]
 
 
 def render(s: DeploySettings) -> list[dict]:

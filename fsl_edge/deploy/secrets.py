@@ -8,8 +8,12 @@
   the CA; re-issued when it nears expiry or the CA is another.
 - fsl-coordinator-signing: the coordinator's Ed25519 message-signing key, made once and never
   regenerated (every site's bundle holds its public half).
-- fsl-broker-auth: the coordinator's entries are added to the password file and ACL (or
-  repaired); every other entry, each site's, is left as `fsl-edge enroll` wrote it.
+- fsl-worker-mqtt and, with mutual TLS, fsl-worker-client-tls: the split-server workers' broker
+  login and client certificate, all replicas sharing them, made while workers are deployed.
+- fsl-broker-auth: the coordinator's entries (and while workers are deployed, the workers')
+  are added to the password file and ACL (or repaired); the workers' are removed when they no
+  longer are. Every other entry, each site's, is left as `fsl-edge enroll` wrote it, except
+  that with workers a site enrolled before them gains the step topics it lacks.
 
 Planning reads only, so every Secret is decided before the first write.
 """
@@ -23,7 +27,7 @@ from dataclasses import dataclass, field
 from fsl_edge import auth
 from fsl_edge.errors import ConfigError
 
-from . import broker_auth, names, pki
+from . import broker_auth, names, pki, topics
 from .kube import StoredSecret, secret_manifest
 
 TLS_TYPE = "kubernetes.io/tls"
@@ -44,15 +48,26 @@ def managed(secret: StoredSecret | None) -> bool:
 
 
 def plan_secrets(read: Callable[[str], StoredSecret | None], namespace: str,
-                 broker_names: list[str], client_certificates: bool = False) -> SecretPlan:
+                 broker_names: list[str], client_certificates: bool = False,
+                 workers: bool = False) -> SecretPlan:
     """Decide every Secret write; `read(name)` gives a Secret of the namespace or None.
-    `client_certificates`: mutual TLS, so the coordinator needs a client certificate too."""
+    `client_certificates`: mutual TLS, so the coordinator needs a client certificate too.
+    `workers`: split-server workers are deployed, so they need their login (and certificate)."""
     plan = SecretPlan()
     _plan_tls(plan, read, namespace, broker_names)
+    if workers:
+        _check_no_site_is_named(read, names.WORKER)
     if client_certificates:
-        _plan_client_tls(plan, read, namespace)
-    password = _plan_coordinator(plan, read, namespace)
-    _plan_auth(plan, read, namespace, password)
+        _plan_client_tls(plan, read, namespace, names.COORDINATOR_CLIENT_TLS_SECRET,
+                         names.COORDINATOR, "the coordinator's")
+        if workers:
+            _plan_client_tls(plan, read, namespace, names.WORKER_CLIENT_TLS_SECRET, names.WORKER,
+                             "the split-server workers'")
+    password = _plan_login(plan, read, namespace, names.COORDINATOR_MQTT_SECRET,
+                           names.COORDINATOR, "the coordinator's")
+    worker_password = _plan_login(plan, read, namespace, names.WORKER_MQTT_SECRET, names.WORKER,
+                                  "the split-server workers'") if workers else None
+    _plan_auth(plan, read, namespace, password, worker_password)
     _plan_signing(plan, read, namespace)
     return plan
 
@@ -100,39 +115,48 @@ def _plan_tls(plan: SecretPlan, read, namespace: str, broker_names: list[str]) -
         plan.notes.append(f"issued the broker certificate for {', '.join(broker_names)} ({reason})")
 
 
-def _plan_client_tls(plan: SecretPlan, read, namespace: str) -> None:
+def _plan_client_tls(plan: SecretPlan, read, namespace: str, secret: str, user: str,
+                     whose: str) -> None:
     if plan.ca is None:
         raise ConfigError(f"client_certificates needs the broker CA that fsl-edge manages: Secret "
                           f"{names.BROKER_TLS_SECRET} was brought without it, so nothing here can "
                           "issue client certificates (turn client_certificates off, or let deploy "
                           "make the broker's certificate)")
-    stored = read(names.COORDINATOR_CLIENT_TLS_SECRET)
+    stored = read(secret)
     if stored is None or "tls.crt" not in stored.data or "tls.key" not in stored.data:
         reason = "none yet"
     else:
         reason = pki.needs_reissue(stored.data["tls.crt"], plan.ca.cert, [])
     if reason:
-        client = pki.issue_client(plan.ca, names.COORDINATOR)
-        plan.writes.append(secret_manifest(namespace, names.COORDINATOR_CLIENT_TLS_SECRET,
+        client = pki.issue_client(plan.ca, user)
+        plan.writes.append(secret_manifest(namespace, secret,
                                            {"tls.crt": client.cert, "tls.key": client.key},
                                            names.LABELS, TLS_TYPE))
-        plan.notes.append(f"issued the coordinator's client certificate for mutual TLS ({reason})")
+        plan.notes.append(f"issued {whose} client certificate for mutual TLS ({reason})")
 
 
-def _plan_coordinator(plan: SecretPlan, read, namespace: str) -> str:
-    stored = read(names.COORDINATOR_MQTT_SECRET)
+def _plan_login(plan: SecretPlan, read, namespace: str, secret: str, user: str, whose: str) -> str:
+    """The password of `user`'s broker login kept in Secret `secret`, made if there is none."""
+    stored = read(secret)
     if stored is not None and {"username", "password"} <= stored.data.keys():
-        if stored.data["username"].decode() != names.COORDINATOR:
-            raise ConfigError(f"Secret {names.COORDINATOR_MQTT_SECRET} names user "
-                              f"{stored.data['username'].decode()!r}, not {names.COORDINATOR!r}")
+        if stored.data["username"].decode() != user:
+            raise ConfigError(f"Secret {secret} names user "
+                              f"{stored.data['username'].decode()!r}, not {user!r}")
         return stored.data["password"].decode()
     password = random_secrets.token_urlsafe(32)
     plan.writes.append(secret_manifest(
-        namespace, names.COORDINATOR_MQTT_SECRET,
-        {"username": names.COORDINATOR.encode(), "password": password.encode()}, names.LABELS))
-    plan.notes.append(f"created the coordinator's broker identity (Secret "
-                      f"{names.COORDINATOR_MQTT_SECRET})")
+        namespace, secret, {"username": user.encode(), "password": password.encode()}, names.LABELS))
+    plan.notes.append(f"created {whose} broker identity (Secret {secret})")
     return password
+
+
+def _check_no_site_is_named(read, user: str) -> None:
+    """A site enrolled under a login deploy needs would be taken over by it: refuse."""
+    keys = read(names.NODE_KEYS_SECRET)
+    if keys is not None and user in keys.data:
+        raise ConfigError(f"a site is enrolled as {user!r}, the broker login of the split-server "
+                          f"workers: revoke it (`fsl-edge revoke {user}`) and enroll that site "
+                          "under another name, then deploy again")
 
 
 def _plan_signing(plan: SecretPlan, read, namespace: str) -> None:
@@ -160,18 +184,58 @@ def _plan_signing(plan: SecretPlan, read, namespace: str) -> None:
                       f"{names.COORDINATOR_SIGNING_SECRET})")
 
 
-def _plan_auth(plan: SecretPlan, read, namespace: str, password: str) -> None:
+def _plan_auth(plan: SecretPlan, read, namespace: str, password: str,
+               worker_password: str | None) -> None:
     stored = read(names.BROKER_AUTH_SECRET)
     data = dict(stored.data) if stored else {}
     passwd = data.get(names.PASSWD_KEY, b"").decode()
     acl = data.get(names.ACL_KEY, b"").decode()
     new_passwd = broker_auth.with_password(passwd, names.COORDINATOR, password)
     new_acl = broker_auth.with_acl(acl, names.COORDINATOR, list(names.COORDINATOR_ACL_TOPICS))
+    notes = [f"wrote the coordinator's broker credentials and ACL into Secret "
+             f"{names.BROKER_AUTH_SECRET}"] if (new_passwd, new_acl) != (passwd, acl) else []
+    if worker_password is not None:
+        before = new_passwd, new_acl
+        new_passwd = broker_auth.with_password(new_passwd, names.WORKER, worker_password)
+        new_acl = broker_auth.with_acl(new_acl, names.WORKER, topics.worker_topics())
+        if (new_passwd, new_acl) != before:
+            notes.append(f"wrote the split-server workers' broker credentials and ACL into "
+                         f"Secret {names.BROKER_AUTH_SECRET}")
+        new_acl, upgraded = _with_step_topics(new_acl, read)
+        if upgraded:
+            notes.append(f"added the step topics to the ACL of sites enrolled before split-server "
+                         f"workers: {', '.join(upgraded)}")
+    elif _owns_worker_login(read, new_passwd):
+        new_passwd, new_acl = broker_auth.without_user(new_passwd, new_acl, names.WORKER)
+        notes.append(f"removed the split-server workers' broker login from Secret "
+                     f"{names.BROKER_AUTH_SECRET} (split_workers.replicas is 0)")
     if stored is not None and (new_passwd, new_acl) == (passwd, acl):
         return
     data.update({names.PASSWD_KEY: new_passwd.encode(), names.ACL_KEY: new_acl.encode()})
     # The resourceVersion makes the write fail rather than drop a site `enroll` adds meanwhile.
     plan.writes.append(secret_manifest(namespace, names.BROKER_AUTH_SECRET, data, names.LABELS,
                                        resource_version=stored.resource_version if stored else None))
-    plan.notes.append(f"wrote the coordinator's broker credentials and ACL into Secret "
-                      f"{names.BROKER_AUTH_SECRET}")
+    plan.notes += notes
+
+
+def _with_step_topics(acl: str, read) -> tuple[str, list[str]]:
+    """`acl` where every enrolled site's block holds all of its topics (those enrolled before
+    split-server workers existed lack the step topics: the broker would drop their steps
+    without a word), and the sites whose block changed."""
+    keys = read(names.NODE_KEYS_SECRET)
+    upgraded = []
+    for site in sorted(set(keys.data if keys else ()) & set(broker_auth.acl_blocks(acl)[1])):
+        new = broker_auth.with_acl_entries(acl, site, topics.node_topics(site))
+        if new != acl:
+            acl = new
+            upgraded.append(site)
+    return acl, upgraded
+
+
+def _owns_worker_login(read, passwd: str) -> bool:
+    """Whether the password file's worker entry is deploy's (a site may since have been enrolled
+    under that name while no workers were deployed)."""
+    hashed = broker_auth.passwd_users(passwd).get(names.WORKER)
+    stored = read(names.WORKER_MQTT_SECRET)
+    return bool(hashed and stored and broker_auth.check_password(
+        hashed, stored.data.get("password", b"").decode()))

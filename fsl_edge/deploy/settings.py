@@ -12,10 +12,11 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 from pydantic_settings import BaseSettings, InitSettingsSource, SettingsConfigDict, SettingsError
 
-from fsl_edge.config import LearningSettings, RuntimeSettings
+from fsl_edge.config import LearningSettings, RuntimeSettings, ServerCopies
 from fsl_edge.config_file import read_mapping, settings_error
 from fsl_edge.errors import ConfigError
 
@@ -111,6 +112,37 @@ class Expose(_Strict):
         return self
 
 
+class SplitWorkers(_Strict):
+    """Split-server workers (`fsl-edge worker`): the pods that run the model's trunk for the
+    sites when the training's `split.server` is per-site (SplitFed-V1). They take the sites'
+    steps from an MQTT shared subscription, so any number of them serve, and a
+    HorizontalPodAutoscaler adds workers, up to `max_replicas`, while their CPU is busy."""
+
+    replicas: int = Field(0, ge=0)
+    """Workers at least (the autoscaler's floor). 0: none are deployed, which is right for
+    split.server shared (the coordinator serves the trunk itself), and only for it."""
+    max_replicas: int | None = Field(None, ge=1)
+    """The most workers the autoscaler runs; None: `replicas` (a fixed number)."""
+    target_cpu_percent: int = Field(70, ge=1, le=1000)
+    """The workers' mean CPU use, in percent of what each requests, that the autoscaler keeps
+    them at (HPA averageUtilization). Each worker gets `gpus` GPUs like the coordinator, but
+    the autoscaler still scales on CPU: scaling on GPU use needs a custom metric."""
+
+    @model_validator(mode="after")
+    def _bounds(self) -> SplitWorkers:
+        if self.max_replicas is not None and not self.replicas:
+            raise ValueError("split_workers.max_replicas needs split_workers.replicas >= 1")
+        if self.max_replicas is not None and self.max_replicas < self.replicas:
+            raise ValueError(f"split_workers.max_replicas ({self.max_replicas}) is below "
+                             f"split_workers.replicas ({self.replicas})")
+        return self
+
+    @property
+    def ceiling(self) -> int:
+        """The autoscaler's maxReplicas."""
+        return self.max_replicas if self.max_replicas is not None else self.replicas
+
+
 class DeploySettings(BaseSettings):
     """Where and what `fsl-edge deploy` deploys."""
 
@@ -139,6 +171,8 @@ class DeploySettings(BaseSettings):
     """Split, LoRA and optimisation settings (the coordinator's `training`)."""
     runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
     """Run id, timing and packet size (the coordinator's `runtime`); `broker` is set by deploy."""
+    split_workers: SplitWorkers = Field(default_factory=SplitWorkers)
+    """The split-server workers; needed exactly when `training.split.server` is per-site."""
     min_agents: int = Field(1, ge=1)
     """Sites that must have joined before the first round starts."""
     max_agents: int = Field(1000, ge=1)
@@ -154,6 +188,24 @@ class DeploySettings(BaseSettings):
     def _namespace(cls, v: str) -> str:
         if not _DNS_LABEL.match(v):
             raise ValueError(f"must be a DNS label (lowercase letters, digits, '-'), not {v!r}")
+        return v
+
+    @field_validator("split_workers")
+    @classmethod
+    def _workers_serve_per_site(cls, v: SplitWorkers, info: ValidationInfo) -> SplitWorkers:
+        training = info.data.get("training")
+        if training is None:  # invalid itself: its own error says why
+            return v
+        per_site = training.split.server is ServerCopies.PER_SITE
+        if per_site and not v.replicas:
+            raise ValueError("training.split.server is per-site, which only split-server workers "
+                             "serve, but split_workers.replicas is 0: set split_workers.replicas "
+                             "to 1 or more, or training.split.server to shared")
+        if v.replicas and not per_site:
+            raise ValueError(f"split_workers.replicas is {v.replicas} but training.split.server "
+                             "is shared, where the coordinator serves the trunk and workers would "
+                             "idle: set training.split.server to per-site, or "
+                             "split_workers.replicas to 0")
         return v
 
     @field_validator("runtime")

@@ -3,14 +3,14 @@
 Both files hold entries that enrollment did not write (the coordinator's, which deploy keeps,
 and an operator's): those lines are never rewritten. A node's entries are appended on enroll and
 cut out on revoke, so enrolling or revoking one node leaves every other line byte-identical.
-Hashing is fsl_edge.deploy.broker_auth's (Mosquitto 2's `$7$` PBKDF2-SHA512), shared with deploy.
+Hashing is fsl_edge.deploy.broker_auth's (Mosquitto 2's `$7$` PBKDF2-SHA512) and a node's topics
+fsl_edge.deploy.topics', both shared with deploy.
 """
 
 from __future__ import annotations
 
 from fsl_edge.deploy.broker_auth import hash_password, passwd_users  # noqa: F401 (re-exported)
-
-_RUN = "run0"  # a stand-in run id, replaced by the '+' wildcard in ACL topics
+from fsl_edge.deploy.topics import node_topics  # noqa: F401 (re-exported)
 
 
 def passwd_add(text: str, user: str, password: str) -> str:
@@ -21,28 +21,6 @@ def passwd_add(text: str, user: str, password: str) -> str:
 def passwd_remove(text: str, user: str) -> str:
     return "".join(line for line in text.splitlines(keepends=True)
                    if line.startswith("#") or line.split(":", 1)[0] != user)
-
-
-def node_topics(name: str) -> list[tuple[str, str]]:
-    """(access, topic) a node needs in every run: its own up/down/status/probe and the broadcast."""
-    from fsl_edge import protocol  # it imports torch: not for `fsl-edge nodes` or --help
-
-    # The topic layout is protocol.py's alone: build each topic for a stand-in run id, then
-    # widen that to '+'.
-    topics = [
-        ("write", protocol.topic_up(_RUN, name)),
-        ("read", protocol.topic_down(_RUN, name)),
-        ("read", protocol.topic_broadcast(_RUN)),
-        ("write", protocol.topic_status(_RUN, name)),  # its retained online/offline, its last will
-        ("readwrite", protocol.topic_probe(_RUN, name)),  # its link probe at join (fsl_edge.profile)
-    ]
-    return [(access, _any_run(topic)) for access, topic in topics]
-
-
-def _any_run(topic: str) -> str:
-    parts = topic.split("/")
-    assert parts[1] == _RUN, f"the run id is no longer the second level of {topic}"
-    return "/".join([parts[0], "+", *parts[2:]])
 
 
 def acl_block(name: str, note: str = "") -> str:

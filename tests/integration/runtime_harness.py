@@ -35,7 +35,7 @@ def federation(tmp_path: Path, broker_url: str, sites=SITES, rounds: int = 2, st
     if not (data / "manifest.json").exists():
         build_icd10(data, chapters=sites, per_site=per_site, heldout=4)
     training = LearningSettings(
-        split=SplitSettings(mode=mode), lora=LoraSettings(rank=4),
+        split=learning.pop("split", SplitSettings(mode=mode)), lora=LoraSettings(rank=4),
         train=TrainSettings(rounds=rounds, steps=steps, batch_size=4, max_len=32, lr=1e-2),
         compression=CompressionSettings(preset=compression), **learning)
     settings = CoordinatorSettings(

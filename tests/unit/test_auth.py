@@ -268,7 +268,7 @@ def test_the_coordinator_is_authenticated_whenever_keys_are_configured(tmp_path,
     assert not auth.coordinator_authenticator(require=False, environ=env).require
     (folder / auth.SIGNING_KEY_FILE).write_text(keys["signing"] + "\n")  # a local store's
     coord = auth.coordinator_authenticator(environ={auth.NODE_KEYS_DIR_ENV: str(folder)})
-    assert coord.signer.scheme is auth.Scheme.ED25519 and coord.trusted.names() == []
+    assert coord.signer.scheme is auth.Scheme.ED25519 and coord.trusted.keys.names() == []
 
 
 def test_the_names_the_other_modules_spell_agree():
@@ -414,3 +414,24 @@ def test_refusals_are_logged_once_per_reason_and_sender_per_interval(caplog, mon
         limited.warning((FORGED, "alice"), "forged from %s", "alice")
     assert [r.getMessage() for r in caplog.records] == [
         "forged from alice", "forged from bob", "replayed from alice", "forged from alice (4 more like it since)"]
+
+
+def test_a_worker_signs_with_the_coordinators_key_and_is_trusted_as_such(tmp_path, keys):
+    from fsl_edge.protocol import Envelope, MessageKind, decode_envelope, encode_envelope, parse_topic
+    folder = tmp_path / "keys"
+    folder.mkdir()
+    env = {auth.NODE_KEYS_DIR_ENV: str(folder), auth.SIGNING_KEY_ENV: keys["signing"]}
+    worker = auth.coordinator_authenticator(auth.WORKER_PREFIX + "w0", environ=env)
+    coordinator = auth.coordinator_authenticator(environ=env)
+    alice = agent("alice", keys)
+    down, up = "fsl/r/agent/alice/down", "fsl/r/worker/w0/up"
+    for receiver in (alice, coordinator):
+        msg = decode_envelope(encode_envelope(Envelope(MessageKind.HELLO, "r", "alice"), worker.signer, down))
+        assert receiver.check(parse_topic(down), down, msg) is None
+    # a worker's name on another worker's topic is a forgery; so is a node key posing as a worker
+    msg = decode_envelope(encode_envelope(Envelope(MessageKind.HELLO, "r", "w1"), worker.signer,
+                                          "fsl/r/worker/w1/up"))
+    assert coordinator.check(parse_topic("fsl/r/worker/w1/up"), "fsl/r/worker/w1/up", msg) == auth.FORGED
+    rogue = auth.Signer(auth.WORKER_PREFIX + "w0", auth.node_key(auth.new_node_key()))
+    msg = decode_envelope(encode_envelope(Envelope(MessageKind.HELLO, "r", "w0"), rogue, up))
+    assert coordinator.check(parse_topic(up), up, msg) == auth.FORGED

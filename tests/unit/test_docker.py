@@ -202,3 +202,12 @@ def test_the_agent_image_has_the_paths_and_user_the_site_bundle_uses():
     assert args_of(path, "ENV")["FSL_MODELS_DIR"] == bundle.MODELS_DIR
     assert args_of(path, "ARG")["FSL_UID"] == str(bundle.AGENT_UID)  # the README tells sites this uid
 
+
+
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_the_image_copies_every_folder_the_distribution_is_built_from(name):
+    # `pip install /src` fails on a package-dir folder the image did not copy
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    copied = {src.rstrip("/") for w, a in instructions(DOCKERFILES[name]) if w == "COPY"
+              for src in a.split()[:-1]}
+    assert set(setuptools["package-dir"].values()) <= copied

@@ -70,6 +70,8 @@ def test_a_node_may_only_use_its_own_topics_and_the_broadcast():
         "# fsl-edge node alice\n"
         "user alice\n"
         "topic write fsl/+/agent/alice/up\n"
+        "topic write fsl/+/agent/alice/step\n"  # to any split-server worker
+        "topic write fsl/+/agent/alice/step/+\n"  # to the worker serving it this round
         "topic read fsl/+/agent/alice/down\n"
         "topic read fsl/+/broadcast\n"
         "topic write fsl/+/status/alice\n"

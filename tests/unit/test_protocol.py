@@ -235,8 +235,16 @@ def test_parse_topic_inverts_the_builders():
     assert parse_topic(protocol.topic_broadcast("r")) == Topic("r", "broadcast", None)
     assert parse_topic(protocol.topic_status("r", "a")) == Topic("r", "status", "a")
     assert parse_topic(protocol.topic_probe("r", "a")) == Topic("r", "probe", "a")
+    # split-server workers: a round's first step to any worker, the rest to the one serving
+    assert parse_topic(protocol.topic_step("r", "a")) == Topic("r", "step", "a", None)
+    assert parse_topic(protocol.topic_step_to("r", "a", "w")) == Topic("r", "step", "a", "w")
+    assert parse_topic(protocol.topic_trunk("r")) == Topic("r", "trunk", None)
+    assert parse_topic(protocol.topic_worker_up("r", "w")) == Topic("r", "worker", "w")
+    assert protocol.topic_shared_steps("r") == "$share/fsl-split/fsl/r/agent/+/step"
+    assert protocol.topic_worker_steps("r", "w") == "fsl/r/agent/+/step/w"
     for bad in ["fsl/r/agent/a/sideways", "other/r/broadcast", "fsl/r", "fsl/r/status/a/b",
-                "fsl/r/probe/a/b", "fsl/r/probe/+"]:
+                "fsl/r/probe/a/b", "fsl/r/probe/+", "fsl/r/agent/a/step/w/x", "fsl/r/agent/a/step/+",
+                "fsl/r/worker/w/down", "fsl/r/trunk/x"]:
         with pytest.raises(ProtocolError, match="not part of the fsl-edge protocol"):
             parse_topic(bad)
 

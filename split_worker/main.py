@@ -1,0 +1,100 @@
+"""`fsl-edge worker`: one split-server worker of a run whose trunk is copied per site
+(training.split.server "per-site"). Any number of them serve the run; the broker shares the
+sites out among them. The coordinator stays the one aggregator and ledger writer."""
+
+from __future__ import annotations
+
+import logging
+import socket
+
+from fsl_edge import protocol
+from fsl_edge.auth import WORKER_PREFIX, coordinator_authenticator
+from fsl_edge.compression import StepCodec
+from fsl_edge.config import ServerCopies
+from fsl_edge.coordinator.settings import CoordinatorSettings
+from fsl_edge.errors import CodecError, ConfigError, ProtocolError
+from fsl_edge.models import load
+from fsl_edge.protocol import MessageKind
+from fsl_edge.split import discover
+from fsl_edge.step import ServerPart, party_options
+from fsl_edge.transport import BrokerLogin, MqttLink, Received
+from fsl_edge.trunk_copies import check_per_site
+
+from .worker import Out, Worker
+
+log = logging.getLogger("fsl_edge.split_worker")
+
+
+def default_worker_id() -> str:
+    """The host's name (a pod's name in Kubernetes), made a valid id."""
+    name = "".join(c if c.isalnum() or c in "_.-" else "-" for c in socket.gethostname())
+    return (name.lstrip("_.-") or "worker")[:64]
+
+
+def check_runs_workers(settings: CoordinatorSettings) -> None:
+    if settings.training.split.server is not ServerCopies.PER_SITE:
+        raise ConfigError("this run's trunk is one shared copy (training.split.server 'shared'), "
+                          "which the coordinator serves itself: split-server workers serve "
+                          "'per-site' runs")
+    check_per_site(settings.training)
+
+
+def dispatch(worker: Worker, received: Received) -> tuple[list[Out], bool]:
+    """The worker's answers to one message, and whether the run has finished."""
+    topic, env = received.topic, received.envelope
+    if env.run_id != worker.run:
+        raise ProtocolError(f"a message of run {env.run_id!r} on run {worker.run!r}'s topic")
+    if topic.channel == "trunk" and env.kind is MessageKind.ADAPTER_DOWN:
+        return worker.on_trunk(env), False
+    if topic.channel == "step":
+        if env.agent_id != topic.agent:
+            raise ProtocolError(f"a step of {env.agent_id!r} on {topic.agent!r}'s topic")
+        return worker.on_request(topic.agent, env), False
+    if topic.channel == "broadcast":
+        if env.kind is MessageKind.HELLO:  # a (re)started coordinator: ask for its trunk
+            return [worker.hello()], False
+        if env.kind is MessageKind.ROUND_END:
+            return [], env.meta.get("finished") is True
+    return [], False
+
+
+def run_worker(settings: CoordinatorSettings, worker_id: str, stop=lambda: False,
+               until_finished: bool = False) -> int:
+    """Serve until `stop()` (or, `until_finished`, the run's end); returns the steps served."""
+    check_runs_workers(settings)
+    rt, me = settings.runtime, protocol.check_id(worker_id, "worker id")
+    authenticator = coordinator_authenticator(WORKER_PREFIX + me, settings.require_auth)
+    link = MqttLink(rt.broker, f"fsl-{rt.run_id}-worker-{me}",
+                    [protocol.topic_shared_steps(rt.run_id), protocol.topic_worker_steps(rt.run_id, me),
+                     protocol.topic_trunk(rt.run_id), protocol.topic_broadcast(rt.run_id)],
+                    max_packet=rt.max_packet, bounds=rt.bounds, login=BrokerLogin.from_env(),
+                    authenticator=authenticator)
+    model = load(settings.model, device=settings.device,
+                 quantize=settings.training.lora.quantize).model
+    training = settings.training
+    cut = training.split.cut(discover(model).n_blocks)
+    training.check_prefix(cut)
+    part = ServerPart(model, cut, training.lora, training.train.lr, **party_options(training))
+    worker = Worker(part, rt.run_id, me, StepCodec(training.compression.pipelines()),
+                    give_up_s=rt.offline_after_s)
+    link.start()
+    try:
+        link.publish(*worker.hello())
+        log.info("worker %s of run %s ready", me, rt.run_id)
+        finished = False
+        while not stop() and not (until_finished and finished):
+            received = link.get(timeout=0.1)
+            out: list[Out] = []
+            if received is not None:
+                try:
+                    out, done = dispatch(worker, received)
+                    finished = finished or done
+                except (ProtocolError, CodecError) as e:
+                    log.warning("worker %s: dropped a message on %s: %s", me,
+                                received.topic.channel, e)
+            out += worker.tick()
+            for topic, env in out:
+                link.publish(topic, env)
+        return worker.served
+    finally:
+        link.stop()
