@@ -6,15 +6,25 @@ B x T tokens (u-shape: the site runs [0, a) and [b, L) plus the head; vanilla: [
     site_s   = (B*T / ref) * (site blocks * block_s * (1 + r * lora_unit / block_params)
                               + head_s if u-shape)                       on the node's profile
     server_s = the same for blocks [a, b) at the trunk's rank (+ head_s in vanilla), on the server's
-    wire_s   = up hops * msg / bw_up + down hops * msg / bw_down + hops * rtt / 2
-               + hops * raw / codec_speed           msg = raw / ratio_k, raw = B*T*C*bytes/elem
-    step_s   = site_s + wire_s + server_s           (u-shape 2 up + 2 down hops; vanilla 1 + 1)
+    hop      = msg / bw_up (or bw_down) + rtt / 2 + raw / codec_speed
+               msg = raw / ratio_k, raw = B*T*C*bytes/elem
+    wire_s   = up hops + down hops                  (u-shape 2 up + 2 down; vanilla 1 + 1)
+    step_s   = site_s + wire_s + server_s
+    hold_s   = server_s, + in u-shape the site's back blocks and head + one down and one up hop
     sync_s   = adapter * (1 / bw_up + 1 / bw_down) + rtt
                adapter = site blocks * r * lora_unit * 4 bytes / the codec's adapter ratio
     round_s  = S * step_s + sync_s                  (sync amortised: S * (step_s + sync_s / S))
-    busy_s   = S * server_s                         what node i costs the shared server
+    busy_s   = S * hold_s                           what node i costs the shared server
     memory   = frozen weights of the site's blocks + embeddings (+ head in u-shape)
                + 16 bytes per LoRA parameter (AdamW) + activations kept for the backward
+
+The shared trunk (SplitFed-V2, coordinator/split_server.py) serves one node's step at a time,
+in a fixed order, step-major: in u-shape it runs the trunk forward, then waits for that node's
+gradient of the trunk's output before it serves anyone else, so a node's turn holds the trunk for
+the trunk's compute AND its own back blocks, head and the two hops in between (hold_s), not for
+the trunk's compute alone. With every node's turn once per step, a round takes
+max(slowest S * step_s, S * sum of hold_s) in the steady state (`makespan`); `scheduled_s`
+replays the order itself, ramp-up and drain included.
 
 What a cut really trades: the hidden size is the same at every cut, so in u-shape moving (a, b)
 changes compute (site vs server), memory and the adapter bytes, never the step messages. What
@@ -132,6 +142,7 @@ class Estimate(NamedTuple):
     site_s: float
     wire_s: float
     server_s: float
+    hold_s: float  # how long each step of this node keeps the shared trunk from everyone else
     sync_s: float
     step_s: float  # site + wire + server, without the sync
     round_s: float
@@ -189,19 +200,40 @@ def estimate(spec: ModelSpec, work: Workload, node: NodeProfile, server: NodePro
     up, down = hops(work.mode)
     msg = message_bytes(spec, work, codec)
     raw = work.tokens * spec.hidden * spec.act_bytes
-    coding = (up + down) * raw / codec.bytes_per_s if codec.bytes_per_s else 0.0
-    wire_s = up * msg / node.up_bytes_per_s + down * msg / node.down_bytes_per_s \
-        + (up + down) * node.rtt_s / 2 + coding
+    coding = raw / codec.bytes_per_s if codec.bytes_per_s else 0.0  # encode + decode, per message
+    hop_up = msg / node.up_bytes_per_s + node.rtt_s / 2 + coding
+    hop_down = msg / node.down_bytes_per_s + node.rtt_s / 2 + coding
+    wire_s = up * hop_up + down * hop_down
+    hold_s = server_s
+    if u:  # the trunk waits from its forward to its backward: the site's tail and two hops
+        hold_s += hop_down + compute_s(node, spec, work, spec.n_blocks - cand.b, cand.rank,
+                                       head=True) + hop_up
     adapter = lora_params(spec, n_site, cand.rank) * 4 / codec.adapter_ratio  # fp32 LoRA
     sync_s = adapter / node.up_bytes_per_s + adapter / node.down_bytes_per_s + node.rtt_s
     step_s = site_s + wire_s + server_s
-    return Estimate(site_s, wire_s, server_s, sync_s, step_s, work.steps * step_s + sync_s,
-                    work.steps * server_s, site_memory(spec, work, cand.a, cand.b, cand.rank))
+    return Estimate(site_s, wire_s, server_s, hold_s, sync_s, step_s, work.steps * step_s + sync_s,
+                    work.steps * hold_s, site_memory(spec, work, cand.a, cand.b, cand.rank))
 
 
 def makespan(estimates: list[Estimate], workers: int = 1) -> float:
-    """The round's makespan: the slowest node's round, or the server's total work if longer."""
+    """The round's makespan: the slowest node's round, or the time the nodes hold the shared
+    trunk in all if longer (the steady state of the server's order; see the module docstring)."""
     return max(max(e.round_s for e in estimates), sum(e.busy_s for e in estimates) / workers)
+
+
+def scheduled_s(estimates: list[Estimate], steps: int) -> float:
+    """The round as the shared split server runs it, one worker: step-major, nodes in the given
+    order (the server's: sorted ids), each turn starting once the trunk is free and the node's
+    request is in, and holding the trunk hold_s. A node's request comes step_s - hold_s after
+    its previous turn ended (its first that long after the start); its round ends with its sync.
+    Never below `makespan`; above it by the ramp-up and drain, at most about a step."""
+    out = [e.step_s - e.hold_s for e in estimates]  # each step's time away from the trunk
+    ready, free = list(out), 0.0
+    for _ in range(steps):
+        for i, e in enumerate(estimates):
+            free = max(free, ready[i]) + e.hold_s
+            ready[i] = free + out[i]
+    return max(r - o + e.sync_s for r, o, e in zip(ready, out, estimates))
 
 
 def measure_codec(name: str, stages: tuple[str, ...], sample: torch.Tensor,

@@ -5,9 +5,11 @@ The objective, with the per-node round time R_i and server work W_i of fsl_edge.
 
     makespan = max( max_i R_i(c_i),  sum_i W_i(c_i) / server workers )
 
-Each node's round includes the server's compute for its steps (it waits for it); the sum is
-the bound the shared server puts on everyone (it runs the trunks one step at a time). With N
-nodes and K candidates each, the product has K^N plans (SmolLM2: 406 cuts x 3 ranks, 1.8e9 plans for 3 nodes);
+Each node's round includes the server's compute for its steps (it waits for it); W_i is how
+long node i's steps hold the one shared trunk, which serves one step at a time (in u-shape
+from the trunk's forward to its backward: the node's back blocks, head and two hops too), and
+the sum is the bound that puts on everyone. With N nodes and K candidates each, the product
+has K^N plans (SmolLM2: 406 cuts x 3 ranks, 1.8e9 plans for 3 nodes);
 the search needs none of them: for a threshold T on the slowest node, the best each node can do
 for the server is its least server work among its candidates with R_i <= T, so
 
@@ -18,8 +20,8 @@ which is exact (the optimal plan's slowest node is one of those T) and costs O(N
 What the nodes off the critical path do with their slack: with the makespan held within
 `slack` of the optimum, each node takes, in this order, the earliest codec in `codecs` (list
 the least lossy first), the highest rank, the most site blocks, then the deepest front (the
-server sees activations further from the tokens), never giving the server more work than the
-optimum gave it; a fast node ends up training more and relieving the server.
+server sees activations further from the tokens), never past the slack on the
+shared trunk either (the nodes take its room in turn); a fast node ends up training more and relieving the server.
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ class Plan(_Strict):
     nodes: dict[str, NodePlan]
     makespan_s: float
     server_busy_s: float
-    """The server's total work in a round, per worker."""
+    """How long the nodes hold the shared trunk in a round, in all, per worker."""
     bottleneck: str
     """The node whose round is the makespan, or 'server'."""
 
@@ -155,14 +157,17 @@ def plan(spec: ModelSpec, work: Workload, nodes: Mapping[str, NodeProfile], serv
             if value < optimum:
                 optimum, chosen = value, picks
 
-    # the nodes' preferences within the slack, never at more server work than the optimum's
+    # the nodes' preferences within the slack: each round, and the trunk's time in all (what a
+    # node takes of the server's room, in the nodes' order, the next cannot take)
     limit = optimum * (1 + settings.slack) * (1 + 1e-12)
+    room = limit * work.server_workers - sum(e.busy_s for _, e in chosen.values())
     final = {}
     for node_id, (c0, e0) in chosen.items():
         allowed = [(c, e) for c, e in table[node_id][0]
-                   if e.round_s <= limit and e.busy_s <= e0.busy_s]
+                   if e.round_s <= limit and e.busy_s - e0.busy_s <= room]
         final[node_id] = max(allowed, key=lambda o: (-order[o[0].codec], o[0].rank,
                                                      -o[1].busy_s, o[0].a, -o[1].round_s))
+        room -= final[node_id][1].busy_s - e0.busy_s
     return _plan(work, final, settings)
 
 

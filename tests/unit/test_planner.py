@@ -8,8 +8,8 @@ import random
 import pytest
 
 from fsl_edge.config import SplitMode
-from fsl_edge.delay import (Candidate, CodecOption, ModelSpec, Workload, estimate, hops, makespan,
-                            message_bytes, site_memory)
+from fsl_edge.delay import (Candidate, CodecOption, ModelSpec, Workload, compute_s, estimate, hops,
+                            makespan, message_bytes, scheduled_s, site_memory)
 from fsl_edge.errors import ConfigError
 from fsl_edge.planner import Pin, Plan, PlannerSettings, candidates, plan
 from fsl_edge.profile import NodeProfile
@@ -61,6 +61,44 @@ def test_a_u_shape_cut_moves_compute_and_adapter_bytes_but_not_the_step_messages
     assert deep.memory_bytes > shallow.memory_bytes
 
 
+def test_a_u_shape_turn_holds_the_trunk_through_the_sites_tail_and_two_hops():
+    # The shared trunk waits for the gradient of its output before serving anyone else
+    # (coordinator/split_server.py), so the site's back blocks, head and the activation down and
+    # gradient up are the server's time too; vanilla's server replies with the gradient at once.
+    free = CodecOption(name="raw")
+    link = node(0.01, mbit=100, rtt_ms=20)
+    u = estimate(SMOLLM2, WORK, link, SERVER, Candidate(2, 27, 8, "raw"), free)
+    tail = compute_s(link, SMOLLM2, WORK, 3, 8, head=True)  # blocks 27..29 and the head
+    hop = 8 * 512 * 576 * 4 / (100 * MBIT) + 0.010
+    assert u.hold_s == pytest.approx(u.server_s + tail + 2 * hop)
+    assert u.busy_s == pytest.approx(WORK.steps * u.hold_s)
+    vanilla = WORK.model_copy(update={"mode": SplitMode.VANILLA})
+    v = estimate(SMOLLM2, vanilla, link, SERVER, Candidate(2, 30, 8, "raw"), free)
+    assert v.hold_s == v.server_s and v.busy_s == pytest.approx(WORK.steps * v.server_s)
+
+
+def test_the_makespan_is_the_steady_state_of_the_split_servers_order():
+    rng = random.Random(1)
+    for trial in range(20):
+        work = Workload(batch=8, seq=512, steps=rng.choice([1, 5, 50]))
+        ests = [estimate(SMOLLM2, work, node(rng.uniform(0.001, 0.05), mbit=rng.choice([20, 100, 1000]),
+                                            rtt_ms=rng.uniform(1, 50)), SERVER,
+                         Candidate(rng.randint(1, 10), 30 - rng.randint(1, 5), 8, "lossless"), LOSSLESS)
+                for _ in range(rng.randint(1, 8))]
+        model, replayed = makespan(ests), scheduled_s(ests, work.steps)
+        # the order replayed: never faster than the model, slower by at most its ramp-up
+        assert model * (1 - 1e-12) <= replayed <= model + max(e.step_s - e.hold_s for e in ests) \
+            + max(e.sync_s for e in ests), trial
+    # eight nodes on 20 Mbit/s: the trunk's compute alone (the old model) is a fraction of a
+    # round, but their tails and hops in turn make the round the server's
+    ests = [estimate(SMOLLM2, WORK, node(0.01, mbit=20), SERVER, Candidate(2, 29, 8, "raw"),
+                     CodecOption(name="raw"))] * 8
+    assert WORK.steps * sum(e.server_s for e in ests) < 0.1 * max(e.round_s for e in ests)
+    assert makespan(ests) == pytest.approx(sum(e.busy_s for e in ests))
+    assert makespan(ests) > 3 * ests[0].round_s
+    assert scheduled_s(ests, WORK.steps) == pytest.approx(makespan(ests), rel=0.05)
+
+
 def test_memory_is_weights_embeddings_lora_with_adam_and_activations():
     spec = ModelSpec(n_blocks=4, hidden=2, intermediate=3, vocab=5, block_params=100,
                      embed_params=10, head_params=7, lora_unit=4)
@@ -94,7 +132,9 @@ def site_blocks(p) -> int:
 
 
 def test_a_fast_node_gets_a_deeper_cut_and_a_higher_rank_than_a_slow_one():
-    fleet = {"hospital": node(0.002), "clinic": node(0.03)}
+    # slow enough that its own round, not the trunk the two hold in turn, sets the makespan;
+    # the hospital's rank 16 holds the trunk a little longer (its back block), within the room
+    fleet = {"hospital": node(0.002), "clinic": node(0.06)}
     out = plan(SMOLLM2, WORK, fleet, SERVER, SETTINGS)
     fast, slow = out.nodes["hospital"], out.nodes["clinic"]
     assert site_blocks(fast) > site_blocks(slow) and fast.a > slow.a
@@ -104,6 +144,22 @@ def test_a_fast_node_gets_a_deeper_cut_and_a_higher_rank_than_a_slow_one():
     loose = plan(SMOLLM2, WORK, fleet, SERVER, SETTINGS.model_copy(update={"slack": 0.2}))
     assert loose.makespan_s <= 1.2 * out.makespan_s * (1 + 1e-12)
     assert loose.nodes["clinic"].rank > slow.rank
+
+
+def test_where_the_shared_server_binds_the_fast_nodes_take_the_trunk_off_it():
+    # vanilla: a turn is the server's compute; eight hospitals and a clinic on a server as fast
+    # as a hospital. One cut for all must stay shallow for the clinic and leaves the hospitals'
+    # blocks on the server; the planner gives them the deepest cut (every front is a candidate).
+    vanilla = WORK.model_copy(update={"mode": SplitMode.VANILLA})
+    settings = PlannerSettings(ranks=(4, 8), codecs=(LOSSLESS,))
+    server = node(0.002, mbit=10_000)
+    fleet = {f"h{i}": node(0.002) for i in range(8)} | {"clinic": node(0.05)}
+    out = plan(SMOLLM2, vanilla, fleet, server, settings)
+    fixed = min(makespan([estimate(SMOLLM2, vanilla, p, server, c, LOSSLESS) for p in fleet.values()])
+                for c in candidates(SMOLLM2, vanilla, settings))
+    assert fixed > 1.5 * out.makespan_s
+    assert all(out.nodes[f"h{i}"].a == SMOLLM2.n_blocks - 2 for i in range(8))
+    assert out.nodes["clinic"].a == 1 and out.bottleneck == "clinic"
 
 
 def test_a_slow_link_gets_smaller_messages_where_compressing_pays():
