@@ -77,7 +77,11 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md")
     ap.add_argument("--resume", action="store_true",
                     help="keep the site costs and the seeds a cut-off run with the same options "
-                         "finished (WORKDIR/quality-runs.jsonl)")
+                         "finished (in --log)")
+    ap.add_argument("--log", type=Path, default=None,
+                    help="the run's log: options and site costs, then one line per seed "
+                         "(default WORKDIR/quality-runs.jsonl; small: it can be kept in git to "
+                         "resume a long run elsewhere)")
     return ap.parse_args()
 
 
@@ -141,7 +145,7 @@ def run_seed(args, loaded, seed: int, summaries: dict[str, RowSummary]) -> None:
     if "flower" in args.rows:
         runs["flower"] = rows.flower(model, spec, data_dir, sites, base, args.threads, score)
     add_runs(summaries, runs)
-    with open(args.workdir / LOG, "a") as log:
+    with open(log_path(args), "a") as log:
         log.write(json.dumps({"seed": seed, "rows": {k: asdict(r) for k, r in runs.items()}}) + "\n")
 
 
@@ -151,16 +155,20 @@ def add_runs(summaries: dict[str, RowSummary], runs: dict[str, rows.RowRun]) -> 
                                                             run.seconds, run.by_kind)
 
 
+def log_path(args) -> Path:
+    return args.log or args.workdir / LOG
+
+
 def options(args) -> dict:
     """What must match for a resumed run to continue a cut-off one (the seeds may grow)."""
-    skip = {"seeds", "resume", "no_write", "workdir"}
+    skip = {"seeds", "resume", "no_write", "workdir", "log"}
     return {k: (sorted(v) if isinstance(v, list) else v) for k, v in vars(args).items()
             if k not in skip}
 
 
 def start_log(args, loaded) -> tuple[dict[str, tuple[float, int]], dict[str, RowSummary], set]:
     """The site costs, the summaries and the seeds done: resumed from the log, or new."""
-    path = args.workdir / LOG
+    path = log_path(args)
     summaries: dict[str, RowSummary] = {}
     if args.resume and path.exists():
         lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

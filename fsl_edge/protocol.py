@@ -157,9 +157,11 @@ def topic_step_to(run: str, agent: str, worker: str) -> str:
     return f"{topic_step(run, agent)}/{check_id(worker, 'worker id')}"
 
 
-def topic_shared_steps(run: str) -> str:
-    """The workers' shared subscription to every agent's first steps."""
-    return f"$share/{SHARE_GROUP}/fsl/{check_id(run, 'run id')}/agent/+/step"
+def topic_shared_steps(run: str, group: str = SHARE_GROUP) -> str:
+    """The workers' shared subscription to every agent's first steps. Brokers' ACLs seldom check
+    subscriptions (Mosquitto's file ACL does not), so a deployment names its own secret group
+    (FSL_SHARE_GROUP): a site that cannot name it cannot join it."""
+    return f"$share/{check_id(group, 'share group')}/fsl/{check_id(run, 'run id')}/agent/+/step"
 
 
 def topic_worker_steps(run: str, worker: str) -> str:

@@ -5,6 +5,7 @@ sites out among them. The coordinator stays the one aggregator and ledger writer
 from __future__ import annotations
 
 import logging
+import os
 import socket
 
 from fsl_edge import protocol
@@ -23,12 +24,24 @@ from fsl_edge.trunk_copies import check_per_site
 from .worker import Out, Worker
 
 log = logging.getLogger("fsl_edge.split_worker")
+SHARE_GROUP_ENV = "FSL_SHARE_GROUP"
 
 
 def default_worker_id() -> str:
     """The host's name (a pod's name in Kubernetes), made a valid id."""
     name = "".join(c if c.isalnum() or c in "_.-" else "-" for c in socket.gethostname())
     return (name.lstrip("_.-") or "worker")[:64]
+
+
+def share_group(environ=None) -> str:
+    """The workers' shared-subscription group: FSL_SHARE_GROUP (a deployment's secret), else
+    the protocol's default (local runs, where only this machine reaches the broker)."""
+    env = os.environ if environ is None else environ
+    group = env.get(SHARE_GROUP_ENV) or protocol.SHARE_GROUP
+    if not protocol.valid_id(group):
+        raise ConfigError(f"{SHARE_GROUP_ENV} {group!r} is not a valid group name: 1-64 of "
+                          "[A-Za-z0-9_.-], starting alphanumeric")
+    return group
 
 
 def check_runs_workers(settings: CoordinatorSettings) -> None:
@@ -65,7 +78,7 @@ def run_worker(settings: CoordinatorSettings, worker_id: str, stop=lambda: False
     rt, me = settings.runtime, protocol.check_id(worker_id, "worker id")
     authenticator = coordinator_authenticator(WORKER_PREFIX + me, settings.require_auth)
     link = MqttLink(rt.broker, f"fsl-{rt.run_id}-worker-{me}",
-                    [protocol.topic_shared_steps(rt.run_id), protocol.topic_worker_steps(rt.run_id, me),
+                    [protocol.topic_shared_steps(rt.run_id, share_group()), protocol.topic_worker_steps(rt.run_id, me),
                      protocol.topic_trunk(rt.run_id), protocol.topic_broadcast(rt.run_id)],
                     max_packet=rt.max_packet, bounds=rt.bounds, login=BrokerLogin.from_env(),
                     authenticator=authenticator)

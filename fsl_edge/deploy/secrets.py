@@ -65,8 +65,12 @@ def plan_secrets(read: Callable[[str], StoredSecret | None], namespace: str,
                              "the split-server workers'")
     password = _plan_login(plan, read, namespace, names.COORDINATOR_MQTT_SECRET,
                            names.COORDINATOR, "the coordinator's")
+    # the workers' shared-subscription group: Mosquitto's ACL does not check subscriptions, so
+    # a name only the workers know is what keeps a site from joining the group (and being dealt
+    # steps it may not read, which would be lost)
     worker_password = _plan_login(plan, read, namespace, names.WORKER_MQTT_SECRET, names.WORKER,
-                                  "the split-server workers'") if workers else None
+                                  "the split-server workers'", extra=(SHARE_GROUP_KEY,)) \
+        if workers else None
     _plan_auth(plan, read, namespace, password, worker_password)
     _plan_signing(plan, read, namespace)
     return plan
@@ -135,18 +139,29 @@ def _plan_client_tls(plan: SecretPlan, read, namespace: str, secret: str, user: 
         plan.notes.append(f"issued {whose} client certificate for mutual TLS ({reason})")
 
 
-def _plan_login(plan: SecretPlan, read, namespace: str, secret: str, user: str, whose: str) -> str:
-    """The password of `user`'s broker login kept in Secret `secret`, made if there is none."""
+SHARE_GROUP_KEY = "share_group"  # in Secret fsl-worker-mqtt; the worker reads it as FSL_SHARE_GROUP
+
+
+def _plan_login(plan: SecretPlan, read, namespace: str, secret: str, user: str, whose: str,
+                extra: tuple[str, ...] = ()) -> str:
+    """The password of `user`'s broker login kept in Secret `secret`, made if there is none;
+    `extra`: further random values the Secret keeps beside it (made once, like the password)."""
     stored = read(secret)
     if stored is not None and {"username", "password"} <= stored.data.keys():
         if stored.data["username"].decode() != user:
             raise ConfigError(f"Secret {secret} names user "
                               f"{stored.data['username'].decode()!r}, not {user!r}")
-        return stored.data["password"].decode()
-    password = random_secrets.token_urlsafe(32)
-    plan.writes.append(secret_manifest(
-        namespace, secret, {"username": user.encode(), "password": password.encode()}, names.LABELS))
-    plan.notes.append(f"created {whose} broker identity (Secret {secret})")
+        if set(extra) <= stored.data.keys():
+            return stored.data["password"].decode()
+        password = stored.data["password"].decode()
+        plan.notes.append(f"added {', '.join(sorted(set(extra) - stored.data.keys()))} to Secret {secret}")
+    else:
+        password = random_secrets.token_urlsafe(32)
+        plan.notes.append(f"created {whose} broker identity (Secret {secret})")
+    kept = stored.data if stored is not None else {}
+    data = {"username": user.encode(), "password": password.encode(),
+            **{k: kept.get(k) or random_secrets.token_hex(16).encode() for k in extra}}
+    plan.writes.append(secret_manifest(namespace, secret, data, names.LABELS))
     return password
 
 

@@ -98,7 +98,7 @@ def final_and_simulated(fed: Federation) -> list[tuple[dict, dict]]:
     adapter and the trunk's."""
     latest = fed.checkpoint_dir / (fed.checkpoint_dir / "LATEST").read_text().strip()
     site, server = load_result(latest)
-    loaded = load(MODEL)
+    loaded = load(fed.settings.model)
     sites = load_sites(fed.data_dir, loaded.tokenizer, fed.settings.training.train.max_len,
                        sorted(fed.sites))
     ref = simulate(loaded.model, sites, fed.settings.training, pad_id_of(loaded.tokenizer))

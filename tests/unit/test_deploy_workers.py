@@ -13,6 +13,7 @@ import pytest
 import yaml
 from cryptography import x509
 
+from fsl_edge import protocol
 from fsl_edge.deploy import broker_auth, names, topics
 from fsl_edge.deploy.kube import StoredSecret
 from fsl_edge.deploy.render import render
@@ -138,6 +139,7 @@ def test_the_worker_deployment_runs_the_coordinator_image_and_config(rendered):
     assert env["FSL_WORKER_ID"] == {"fieldRef": {"fieldPath": "metadata.name"}}
     assert env["FSL_MQTT_USERNAME"] == {"secretKeyRef": {"name": names.WORKER_MQTT_SECRET, "key": "username"}}
     assert env["FSL_MQTT_PASSWORD"] == {"secretKeyRef": {"name": names.WORKER_MQTT_SECRET, "key": "password"}}
+    assert env["FSL_SHARE_GROUP"] == {"secretKeyRef": {"name": names.WORKER_MQTT_SECRET, "key": "share_group"}}
     coordinator_env = {e["name"]: e.get("value") or e["valueFrom"] for e in coordinator["env"]}
     for name in ("FSL_MQTT_CA_FILE", "FSL_NODE_KEYS_DIR", "FSL_COORDINATOR_SIGNING_KEY", "HF_HOME"):
         assert env[name] == coordinator_env[name]
@@ -227,6 +229,20 @@ def test_workers_get_one_login_with_their_acl_and_keep_it():
 
     again = _plan({**first}, workers=True, mtls=True)
     assert again.writes == [] and again.notes == []  # everything kept as it is
+
+
+def test_the_workers_share_group_is_a_secret_made_once_and_added_to_an_older_login():
+    first = _written(_plan({}, workers=True))
+    group = first[names.WORKER_MQTT_SECRET]["share_group"].decode()
+    assert len(group) == 32 and protocol.valid_id(group)
+    assert group != _written(_plan({}, workers=True))[names.WORKER_MQTT_SECRET]["share_group"].decode()
+    # a login made before the group existed keeps its password and gains a group
+    older = {**first, names.WORKER_MQTT_SECRET: {k: v for k, v in first[names.WORKER_MQTT_SECRET].items()
+                                                 if k != "share_group"}}
+    plan = _plan(older, workers=True)
+    login = _written(plan)[names.WORKER_MQTT_SECRET]
+    assert login["password"] == first[names.WORKER_MQTT_SECRET]["password"] and login["share_group"]
+    assert any("share_group" in n for n in plan.notes)
 
 
 def test_without_workers_deploy_removes_their_login_and_only_theirs():

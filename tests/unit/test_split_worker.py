@@ -93,3 +93,15 @@ def test_the_coordinator_answers_a_workers_hello_takes_copies_of_members_only_an
     shown = console.export_text()
     assert "split-server workers" in shown and "w1" in shown and "bo" in shown
     assert workers_table(Status(run="r"), 0.0) is None
+
+
+def test_the_share_group_comes_from_the_environment_and_is_checked():
+    from fsl_edge.errors import ConfigError
+    from fsl_edge.split_worker.main import share_group
+
+    assert share_group({}) == protocol.SHARE_GROUP
+    assert share_group({"FSL_SHARE_GROUP": "a1b2"}) == "a1b2"
+    assert protocol.topic_shared_steps("r", "a1b2") == "$share/a1b2/fsl/r/agent/+/step"
+    import pytest
+    with pytest.raises(ConfigError, match="FSL_SHARE_GROUP"):
+        share_group({"FSL_SHARE_GROUP": "a/b"})
