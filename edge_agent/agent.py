@@ -52,6 +52,10 @@ class Interrupted(Exception):
         self.envelope = envelope
 
 
+class WorkerLost(Exception):
+    """The split-server worker serving this round's steps stopped answering."""
+
+
 class Agent:
     def __init__(self, settings: AgentSettings, link: MqttLink, build):
         """`build(welcome_meta) -> (SitePart | Deferred, BatchStream)` loads the model and data
@@ -87,13 +91,18 @@ class Agent:
                           else protocol.topic_up(self.run_id, self.me), env)
 
     def request(self, env: Envelope, answers: set[MessageKind], round_: int | None = None,
-                step: int | None = None, send: bool = True, interruptible: bool = True) -> Envelope:
+                step: int | None = None, send: bool = True, interruptible: bool = True,
+                lost_after: float | None = None) -> Envelope:
         """Send `env` (unless already sent) and wait for an answer of one of `answers` kinds
-        (for this round and step), sending it again every `resend_s`."""
+        (for this round and step), sending it again every `resend_s`; WorkerLost after
+        `lost_after` seconds without one."""
         if send:
             self.send(env)
         deadline = time.monotonic() + self.timing["resend_s"]
+        given_up = None if lost_after is None else time.monotonic() + lost_after
         while not self._stop.is_set():
+            if given_up is not None and time.monotonic() > given_up:
+                raise WorkerLost()
             received = self.link.get(timeout=0.2)
             # paho itself retransmits what it could not deliver: resend only over a live link
             if time.monotonic() > deadline and self.link.connected.is_set():
@@ -146,7 +155,10 @@ class Agent:
         env.meta["attempt"] = self.attempt  # a reply to an older attempt is never taken for this
         send, sent_hidden = True, any(t.name == "hidden" for t in env.tensors)
         while True:
-            reply = self.request(env, {answer}, round_, step, send=send)
+            # a worker of its own (split.server per-site): if it goes away, so does the round
+            pinned = self.workers and self.step_topic != protocol.topic_step(self.run_id, self.me)
+            reply = self.request(env, {answer}, round_, step, send=send,
+                                 lost_after=self.timing["worker_lost_s"] if pinned else None)
             worker = reply.meta.get("worker")
             if self.workers and isinstance(worker, str) and protocol.valid_id(worker):
                 self.step_topic = protocol.topic_step_to(self.run_id, self.me, worker)
@@ -219,6 +231,11 @@ class Agent:
                     idle, unsent, instruction = self.train_round(instruction), False, None
                 except Interrupted as i:
                     instruction = i.envelope
+                except WorkerLost:
+                    # the round again from its start, on whichever worker the broker picks:
+                    # the new copy sees the same batches from the same trunk, so it is the same
+                    log.warning("%s: its split-server worker stopped answering; round %d starts "
+                                "over on another", self.me, instruction.round)
         finally:
             self._stop.set()
             if beat.is_alive():

@@ -352,6 +352,10 @@ class RuntimeSettings(_Strict):
     """A request unanswered for this long is sent again (the receiver applies it at most once)."""
     round_timeout_s: float = Field(1800.0, gt=0)
     """A round still open after this long closes with the adapters that arrived."""
+    worker_lost_s: float = Field(120.0, gt=0)
+    """split.server per-site: a site whose split-server worker has not answered a step for this
+    long starts its round over on another worker (exact: its trunk copy depends only on its own
+    batches). Longer than a busy worker's queue can hold a site up."""
     bounds: Bounds = Field(default_factory=Bounds)
     """Memory and queue bounds on what is received (see Bounds)."""
 
@@ -363,8 +367,12 @@ class RuntimeSettings(_Strict):
             if getattr(self, name) >= self.offline_after_s:
                 raise ValueError(f"{name} ({getattr(self, name)}) must be shorter than "
                                  f"offline_after_s ({self.offline_after_s})")
+        if self.worker_lost_s <= self.resend_s:
+            raise ValueError(f"worker_lost_s ({self.worker_lost_s}) must be longer than resend_s "
+                             f"({self.resend_s}): a worker gets at least one resend")
         return self
 
     def timing(self) -> dict[str, float]:
         """What the coordinator tells its agents: their heartbeats and resends must fit its grace."""
-        return {"heartbeat_s": self.heartbeat_s, "resend_s": self.resend_s}
+        return {"heartbeat_s": self.heartbeat_s, "resend_s": self.resend_s,
+                "worker_lost_s": self.worker_lost_s}

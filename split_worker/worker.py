@@ -150,6 +150,8 @@ class Worker:
             done = 0
         if env.step != done:
             raise ProtocolError(f"activation for step {env.step} from {site}, expected step {done}")
+        if done == 0:
+            log.info("worker %s serves %s in round %d", self.id, site, env.round)
         message.validate(self.part.parts.hidden_size)
         self.copies.use(site)
         self.steps_done[site] = done
