@@ -219,13 +219,24 @@ def planner_table(s: Status) -> Table | None:
     plan, nodes = s.planner, s.planner.get("nodes")
     title = (f"planner (makespan {_seconds(plan.get('makespan_s'))} s, "
              f"bottleneck {plan.get('bottleneck', '-')})")
-    table = _table(title, "agent", "cut", "rank", "codec", "predicted\ns/step", "measured\ns/step")
+    table = _table(title, "agent", "cut", "rank", "codec", "predicted\ns/step", "measured\ns/step",
+                   "link planned\nup/down MB/s, rtt", "link now\nup/down MB/s, rtt")
     for name, node in sorted(nodes.items() if isinstance(nodes, dict) else []):
         if isinstance(node, dict):
             table.add_row(Text(name), f"{node.get('a', '-')}/{node.get('b', '-')}",
                           str(node.get("rank", "-")), str(node.get("codec", "-")),
-                          _seconds(node.get("step_s")), _seconds(node.get("measured_step_s")))
+                          _seconds(node.get("step_s")), _seconds(node.get("measured_step_s")),
+                          _link(node.get("planned_link")), _link(node.get("link")))
     return table
+
+
+def _link(link) -> str:
+    """A link of the plan's JSON (free-form in the status document), or '-'."""
+    try:
+        return (f"{link['up_bytes_per_s'] / 1e6:.1f}/{link['down_bytes_per_s'] / 1e6:.1f}, "
+                f"{link['rtt_s'] * 1e3:.0f} ms")
+    except (TypeError, KeyError):
+        return "-"
 
 
 def workers_table(s: Status, now: float) -> Table | None:

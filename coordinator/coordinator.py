@@ -35,7 +35,7 @@ from fsl_edge.wire import (Address, adapter_envelope, adapter_state, meta_number
 from . import checkpoint
 from .settings import CoordinatorSettings
 from .fleet import Fleet
-from .planning import record
+from .planning import record, record_link
 from .split_server import SplitServer
 from .workers import TrunkWorkers
 
@@ -342,6 +342,7 @@ class Coordinator:
         st.tokens_per_s = tokens / max(time.monotonic() - self.round_started, 1e-6)
         record(self.status.planner, agent, time.monotonic() - self.round_started,
                self.settings.training.train.steps)
+        record_link(self.status.planner, agent, env.meta.get("link"))
 
     def gone(self, agent: str, why: str) -> None:
         """Take an agent that has been silent too long out of the running round."""

@@ -107,8 +107,13 @@ class Planning:
                  self.plan.bottleneck, ", ".join(f"{a} {c.a}/{c.b} r{c.rank}"
                                                   for a, c in self.plan.nodes.items()))
         shown = self.plan.model_dump(mode="json")
-        for node in shown["nodes"].values():
+        for agent, node in shown["nodes"].items():
             node["measured_step_s"] = None
+            p = self.profiles.get(agent)
+            if p is not None:  # what the plan was made from, beside what is measured later
+                node["planned_link"] = {"up_bytes_per_s": p.up_bytes_per_s, "rtt_s": p.rtt_s,
+                                        "down_bytes_per_s": p.down_bytes_per_s,
+                                        "measured_at": p.measured_at}
         return shown
 
     def start_meta(self, agent: str) -> dict:
@@ -117,6 +122,20 @@ class Planning:
             return {}
         choice = self.plan.nodes.get(agent) if self.plan is not None else None
         return {"plan": None if choice is None else choice.model_dump(mode="json")}
+
+
+LINK_KEYS = ("up_bytes_per_s", "down_bytes_per_s", "rtt_s", "measured_at")
+
+
+def record_link(shown: dict | None, agent: str, link) -> None:
+    """An agent's link as it re-measured it (planner.relink_every), next to its plan; figures
+    that are not finite, positive numbers are left out (it is shown, not used)."""
+    if shown is None or agent not in shown["nodes"] or not isinstance(link, dict):
+        return
+    ok = {k: float(link[k]) for k in LINK_KEYS if isinstance(link.get(k), (int, float))
+          and not isinstance(link.get(k), bool) and 0 <= link[k] < 1e18}
+    if len(ok) == len(LINK_KEYS):
+        shown["nodes"][agent]["link"] = ok
 
 
 def record(shown: dict | None, agent: str, seconds: float, steps: int) -> None:

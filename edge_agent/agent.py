@@ -19,7 +19,7 @@ from fsl_edge import protocol
 from fsl_edge.compression import StepCodec, Uplink, apply
 from fsl_edge.config import LearningSettings, ServerCopies, SplitMode
 from fsl_edge.data import BatchStream
-from fsl_edge.errors import ProtocolError
+from fsl_edge.errors import ProtocolError, TransportError
 from fsl_edge.planner import NodePlan
 from fsl_edge.profile import NodeProfile
 from fsl_edge.protocol import Envelope, Flag, MessageKind
@@ -42,6 +42,10 @@ class Deferred:
     profile: NodeProfile
     make: Callable[[NodePlan | None], SitePart]
     """This node's NodePlan (None: it was not planned: its pin, else the run's) -> its part."""
+    relink: Callable[[], dict] | None = None
+    """Measures the link to the broker again: {up_bytes_per_s, down_bytes_per_s, rtt_s,
+    measured_at}; None: never (planner.relink_every 0)."""
+    relink_every: int = 0
 
 
 class Interrupted(Exception):
@@ -78,6 +82,7 @@ class Agent:
         # split.server per-site: split-server workers serve the steps; a round's first step goes
         # to whichever the broker picks, the rest to the worker that answered it
         self.workers = False
+        self.link_now: dict | None = None  # the link as last re-measured (planner.relink_every)
         self.step_topic: str | None = None
         # the coordinator's grace decides when this agent counts as gone: its welcome says how
         # often to beat and to resend, and those replace the agent's own until then
@@ -241,6 +246,20 @@ class Agent:
             if beat.is_alive():
                 beat.join(timeout=5)  # not mid-publish while the process winds down
 
+    def measure_link(self, round_: int) -> None:
+        """Every `relink_every` rounds, after the upload (the coordinator is aggregating): the
+        link again, for the next upload to report. A failed probe is logged, not fatal."""
+        d = self.deferred
+        if d is None or d.relink is None or not d.relink_every or round_ % d.relink_every:
+            return
+        try:
+            self.link_now = d.relink()
+            log.info("%s: link now up %.1f MB/s, down %.1f MB/s, rtt %.1f ms", self.me,
+                     self.link_now["up_bytes_per_s"] / 1e6, self.link_now["down_bytes_per_s"] / 1e6,
+                     self.link_now["rtt_s"] * 1e3)
+        except (TransportError, OSError) as e:
+            log.warning("%s: the link probe failed (%s); the last figures stand", self.me, e)
+
     def make_part(self, start: Envelope) -> None:
         """Build the planned part at the cut and rank the first ROUND_START names for it."""
         raw = start.meta.get("plan")
@@ -288,12 +307,13 @@ class Agent:
             loss_sum += loss
         self.rounds_done = r
         delta, _ = self.uplink.delta(part.adapter(), self.shared)
+        link = {"link": self.link_now} if self.link_now else {}
         upload = adapter_envelope(MessageKind.ADAPTER_UP, delta, Address(self.run_id, self.me, r),
                                   {"tokens": tokens, "loss": loss_sum / steps, "attempt": self.attempt,
                                    "version": self.version, "seconds": time.monotonic() - started,
                                    "layers": part.selector.history[-8:],
                                    "cache": part.prefix.cache.stats.as_dict() if part.prefix.cache else {},
-                                   "prefix_backend": part.prefix.provider},
+                                   "prefix_backend": part.prefix.provider, **link},
                                   self.uplink.stages)
         self.send(upload)
         # Saved after the upload is on its way, so the disk writes (fsync) overlap the
@@ -301,5 +321,6 @@ class Agent:
         # costs only a repeat of this round's batches after a restart.
         state.save(self.settings.workdir, r, part, stream)
         log.info("%s: round %d done, loss %.4f", self.me, r, loss_sum / steps)
+        self.measure_link(r)
         return upload
 

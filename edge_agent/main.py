@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
@@ -12,7 +13,7 @@ from fsl_edge.data import BatchStream, examples_digest, load_samples, pad_id_of,
 from fsl_edge.models import load
 from fsl_edge.nodes import node_setup
 from fsl_edge.planner import NodePlan
-from fsl_edge.profile import ProfileSettings, profile_node
+from fsl_edge.profile import ProfileSettings, measure_link, profile_node
 from fsl_edge.config import LearningSettings
 from fsl_edge.simulation import site_seed
 from fsl_edge.split import discover
@@ -61,7 +62,14 @@ def builder(settings: AgentSettings):
         log.info("%s: profiled: block %.4f s, up %.1f MB/s, down %.1f MB/s, rtt %.1f ms",
                  settings.agent_id, profile.block_s, profile.up_bytes_per_s / 1e6,
                  profile.down_bytes_per_s / 1e6, profile.rtt_s * 1e3)
-        return Deferred(profile, make), stream
+        probe = protocol.topic_probe(rt.run_id, settings.agent_id)
+
+        def relink() -> dict:
+            up, down, rtt = measure_link(rt.broker, probe, login=BrokerLogin.from_env())
+            return {"up_bytes_per_s": up, "down_bytes_per_s": down, "rtt_s": rtt,
+                    "measured_at": time.time()}
+
+        return Deferred(profile, make, relink, training.planner.relink_every), stream
 
     return build
 

@@ -59,3 +59,7 @@ class PlannerSettings(_Strict):
     """How far above the optimal makespan the nodes' preferences may take it (0.05: 5 %)."""
     pins: dict[str, Pin] = Field(default_factory=dict)
     """Per node id: choices fixed by config."""
+    relink_every: int = Field(5, ge=0)
+    """With `enabled`: each agent measures its link to the broker again every this many rounds
+    (after its upload) and reports it with the next one; `fsl-edge status` shows it beside the
+    link the plan was made from. The plan itself is made once. 0: only at join."""

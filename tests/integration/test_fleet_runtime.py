@@ -33,7 +33,8 @@ def test_the_planner_plans_from_measured_profiles_and_each_agent_trains_its_choi
     # one node pinned to the least work, so the fleet is mixed whatever this machine measures
     pins = {"circulatory": PINS["circulatory"]}
     fed = federation(tmp_path, mosquitto_server.url, sites=SITES, rounds=2, steps=2,
-                     planner=PlannerSettings(enabled=True, ranks=(2, 4, 8), pins=pins))
+                     planner=PlannerSettings(enabled=True, ranks=(2, 4, 8), pins=pins,
+                                             relink_every=1))
     status = run_to_end(fed)
     assert status.state == "finished" and len(status.history) == 2
     assert all(r.participants == sorted(SITES) for r in status.history)
@@ -46,5 +47,8 @@ def test_the_planner_plans_from_measured_profiles_and_each_agent_trains_its_choi
         assert choice["step_s"] > 0 and choice["measured_step_s"] > 0  # predicted, measured
         log = (fed.workdir / "logs" / f"agent-{name}.log").read_text()
         assert "profiled: block" in log  # measured for real: its model and its link
+        # and its link again after each round (relink_every=1), reported with the next upload
+        assert choice["link"]["measured_at"] > choice["planned_link"]["measured_at"] > 0
+        assert "link now up" in log
         assert re.search(rf"cut {choice['a']}/{choice['b']} \(u-shape\), rank {choice['rank']} "
                          r"\(planned\)", log), log[-2000:]

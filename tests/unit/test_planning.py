@@ -81,7 +81,9 @@ def text(renderable) -> str:
 def test_the_status_shows_the_plan_with_predicted_and_measured_step_times():
     plan = {"mode": "u-shape", "makespan_s": 3.25, "server_busy_s": 1.0, "bottleneck": "clinic",
             "nodes": {"clinic": {"a": 1, "b": 5, "rank": 4, "codec": "lossless", "step_s": 0.5,
-                                 "measured_step_s": 0.625},
+                                 "measured_step_s": 0.625,
+                                 "planned_link": {"up_bytes_per_s": 2e6, "down_bytes_per_s": 5e6,
+                                                  "rtt_s": 0.05, "measured_at": 1.0}},
                       "hospital": {"a": 3, "b": 4, "rank": 16, "codec": "lossless", "step_s": 0.25,
                                    "measured_step_s": None},
                       "odd": "not a node"}}  # the status is another process's: shown as far as it goes
@@ -90,7 +92,23 @@ def test_the_status_shows_the_plan_with_predicted_and_measured_step_times():
     assert "makespan 3.250 s, bottleneck clinic" in shown
     rows = {line.split()[0]: line.split() for line in shown.splitlines()
             if line.strip().startswith(("clinic", "hospital"))}
-    assert rows["clinic"] == ["clinic", "1/5", "4", "lossless", "0.500", "0.625"]
-    assert rows["hospital"] == ["hospital", "3/4", "16", "lossless", "0.250", "-"]
+    assert rows["clinic"] == ["clinic", "1/5", "4", "lossless", "0.500", "0.625", "2.0/5.0,", "50",
+                              "ms", "-"]
+    assert rows["hospital"] == ["hospital", "3/4", "16", "lossless", "0.250", "-", "-", "-"]
     assert "planner" in text(render(s, now=0.0))
     assert planner_table(Status(run="r")) is None and "planner" not in text(render(Status(run="r"), now=0.0))
+
+
+def test_a_re_measured_link_is_kept_beside_the_plan_only_when_well_formed():
+    from fsl_edge.coordinator.planning import record_link
+
+    shown = {"nodes": {"clinic": {"a": 1}}}
+    good = {"up_bytes_per_s": 1e6, "down_bytes_per_s": 2e6, "rtt_s": 0.01, "measured_at": 5.0}
+    for bad in (None, "fast", {**good, "rtt_s": "x"}, {**good, "up_bytes_per_s": -1.0},
+                {k: v for k, v in good.items() if k != "rtt_s"}, {**good, "measured_at": True}):
+        record_link(shown, "clinic", bad)
+        assert "link" not in shown["nodes"]["clinic"]
+    record_link(shown, "nobody", good)
+    record_link(None, "clinic", good)
+    record_link(shown, "clinic", good)
+    assert shown["nodes"]["clinic"]["link"] == good
