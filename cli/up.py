@@ -13,7 +13,7 @@ from rich.table import Table
 
 from fsl_edge.config import (CompressionSettings, LearningSettings, LoraSettings, Policy,
                              PrefixSettings, Preset, SelectionSettings,
-                             RuntimeSettings, SplitMode, SplitSettings, TrainSettings)
+                             RuntimeSettings, ServerCopies, SplitMode, SplitSettings, TrainSettings)
 from fsl_edge.coordinator.settings import CoordinatorSettings
 from fsl_edge.errors import ConfigError
 
@@ -39,6 +39,7 @@ def up(
     frozen_prefix: Annotated[int, typer.Option(help="Site blocks from the front without LoRA; their outputs are cached on disk (at most the cut).")] = 0,
     send_keys: Annotated[bool, typer.Option(help="With --frozen-prefix = the cut: send sample keys once the server holds a sample's prefix activation (keeps them on the server).")] = False,
     layers: Annotated[Policy, typer.Option(help="Which LoRA blocks train each epoch: all, topk-gradnorm, freeze-front, random.")] = Policy.ALL,
+    workers: Annotated[int, typer.Option(help="Split-server workers: with 1 or more, each site trains its own trunk copy (split.server per-site) and the workers serve the trunk; 0: the coordinator serves one shared copy.")] = 0,
 ) -> None:
     """Run a federation on this machine: broker, coordinator and agents, then a summary."""
     from fsl_edge.runs import ensure_demo_data
@@ -50,8 +51,14 @@ def up(
     if agents > len(names):
         raise ConfigError(f"{agents} agents asked for, but {data_dir} has {len(names)} sites "
                           f"({', '.join(names)})")
+    if workers < 0:
+        raise ConfigError(f"--workers {workers}: give 0 or more")
+    if workers and embedded:
+        raise ConfigError("--workers needs a broker with shared subscriptions (Mosquitto); the "
+                          "embedded amqtt has none: drop --embedded")
     training = LearningSettings(
-        split=SplitSettings(mode=mode), lora=LoraSettings(),
+        split=SplitSettings(mode=mode, server=ServerCopies.PER_SITE if workers else ServerCopies.SHARED),
+        lora=LoraSettings(),
         train=TrainSettings(rounds=rounds, steps=steps, batch_size=batch_size, max_len=max_len,
                             lr=lr, seed=seed),
         compression=CompressionSettings(preset=compression),
@@ -60,10 +67,16 @@ def up(
     settings = CoordinatorSettings(model=model, training=training, runtime=RuntimeSettings(
         run_id=f"up-{int(time.time())}", resend_s=30.0, offline_after_s=60.0), status_port=0)
     fed = prepare(workdir, settings, names[:agents], data_dir, broker, embedded)
+    fed.workers = workers
+    if workers and fed.broker is not None and fed.broker.name == "amqtt":
+        fed.stop()
+        raise ConfigError("--workers needs Mosquitto (shared subscriptions); only the embedded "
+                          "amqtt was found: install mosquitto")
     console.print(f"broker: {fed.broker.name + ' at ' + fed.broker.url if fed.broker else broker}"
                   + ("" if fed.broker is None or fed.broker.name == "amqtt"
                      else " (local mosquitto found; --embedded uses amqtt)")
-                  + f"\nmodel {model}, {agents} agents: {', '.join(fed.sites)}; "
+                  + f"\nmodel {model}, {agents} agents: {', '.join(fed.sites)}"
+                  + (f", {workers} split-server workers" if workers else "") + "; "
                   f"MQTT on loopback in the clear (deployments use TLS), messages signed with keys "
                   f"made for this run; logs in {workdir / 'logs'}")
     started = time.monotonic()

@@ -458,6 +458,11 @@ class Coordinator:
             return
         names = sorted(self.uploads)
         if self.workers is not None:  # SplitFed-V1: the round's trunk is the copies' average
+            for agent in names:  # the steps went through the workers: counted as they saw them
+                for kind, (n, size, raw) in self.workers.traffic.get(agent, {}).items():
+                    for book in (self.status.traffic, self.round_traffic,
+                                 self.status.agents[agent].traffic):
+                        book.setdefault(kind, Traffic()).add(size, raw, n)
             self.trunk.load_adapter(self.workers.close({a: self.uploads[a].tokens for a in names}))
             self.status.workers = self.workers.workers
         robust = self.settings.training.robust

@@ -33,10 +33,11 @@ class TrunkWorkers:
         self.attempt: str | None = None
         self.copies: dict[str, tuple[str, State]] = {}  # site -> (worker, its copy)
         self.workers: dict[str, WorkerStatus] = {}
+        self.traffic: dict[str, dict[str, tuple[int, int, int]]] = {}  # site -> kind -> counts
 
     def begin(self, round_: int, attempt: str, steps: int, trunk: State) -> Out:
         """The round's trunk, to publish to every worker before the agents start."""
-        self.base, self.attempt, self.copies = trunk, attempt, {}
+        self.base, self.attempt, self.copies, self.traffic = trunk, attempt, {}, {}
         self.trunk = adapter_envelope(MessageKind.ADAPTER_DOWN, trunk, Address(self.run, "", round_),
                                       {"attempt": attempt, "steps": steps})
         return protocol.topic_trunk(self.run), self.trunk
@@ -59,6 +60,7 @@ class TrunkWorkers:
             return []  # late: a round (or a site) that has moved on
         state = adapter_state(env, self.base, protocol.Limits().max_tensor_bytes)
         self.copies[site] = (worker, state)
+        self.traffic[site] = reported_traffic(env.meta.get("traffic"))
         return []
 
     def missing(self, sites: set[str]) -> set[str]:
@@ -74,3 +76,20 @@ class TrunkWorkers:
             st.copies, st.sites = st.copies + len(sites), sorted(sites)
         self.trunk = None
         return average({s: self.copies[s][1] for s in tokens}, tokens)
+
+
+STEP_KINDS = {k.name.lower() for k in (MessageKind.ACTIVATION_UP, MessageKind.ACTIVATION_DOWN,
+                                       MessageKind.GRADIENT_UP, MessageKind.GRADIENT_DOWN)}
+
+
+def reported_traffic(traffic) -> dict[str, tuple[int, int, int]]:
+    """A site's step traffic as its worker counted it: kind -> (messages, bytes, raw bytes);
+    step kinds with whole, non-negative, bounded counts only (it is shown, not used)."""
+    if not isinstance(traffic, dict):
+        return {}
+    ok = {}
+    for kind, counts in traffic.items():
+        if kind in STEP_KINDS and isinstance(counts, list) and len(counts) == 3 and all(
+                isinstance(n, int) and not isinstance(n, bool) and 0 <= n < 1 << 53 for n in counts):
+            ok[kind] = (counts[0], counts[1], counts[2])
+    return ok

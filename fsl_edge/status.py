@@ -16,8 +16,8 @@ class Traffic(BaseModel):
     raw_bytes: int = 0
     """The same tensors uncompressed: the ratio raw_bytes / bytes is the compression."""
 
-    def add(self, sent: int, raw: int) -> None:
-        self.messages += 1
+    def add(self, sent: int, raw: int, messages: int = 1) -> None:
+        self.messages += messages
         self.bytes += sent
         self.raw_bytes += raw
 

@@ -20,6 +20,7 @@ from fsl_edge.split import discover
 from fsl_edge.step import ServerPart, party_options
 from fsl_edge.transport import BrokerLogin, MqttLink, Received
 from fsl_edge.trunk_copies import check_per_site
+from fsl_edge.wire import raw_bytes
 
 from .worker import Out, Worker
 
@@ -71,6 +72,30 @@ def dispatch(worker: Worker, received: Received) -> tuple[list[Out], bool]:
     return [], False
 
 
+STEP_KINDS = (MessageKind.ACTIVATION_UP, MessageKind.ACTIVATION_DOWN, MessageKind.GRADIENT_UP,
+              MessageKind.GRADIENT_DOWN)
+
+
+class SiteTraffic:
+    """Each site's step traffic through this worker, handed to the coordinator with the site's
+    copy (its /status counts what the sites and workers exchange, as when it serves the steps)."""
+
+    def __init__(self, max_sites: int = 4096):
+        self.books: dict[str, dict[str, list[int]]] = {}  # site -> kind -> [messages, bytes, raw]
+        self.max_sites = max_sites
+
+    def count(self, site: str, env, size: int) -> None:
+        if env.kind not in STEP_KINDS:
+            return
+        if site not in self.books and len(self.books) >= self.max_sites:
+            return  # names a sender may invent: stay bounded (it only shows, nothing depends on it)
+        book = self.books.setdefault(site, {}).setdefault(env.kind.name.lower(), [0, 0, 0])
+        book[0], book[1], book[2] = book[0] + 1, book[1] + size, book[2] + raw_bytes(env)
+
+    def take(self, site: str) -> dict[str, list[int]]:
+        return self.books.pop(site, {})
+
+
 def run_worker(settings: CoordinatorSettings, worker_id: str, stop=lambda: False,
                until_finished: bool = False) -> int:
     """Serve until `stop()` (or, `until_finished`, the run's end); returns the steps served."""
@@ -95,6 +120,7 @@ def run_worker(settings: CoordinatorSettings, worker_id: str, stop=lambda: False
         link.publish(*worker.hello())
         log.info("worker %s of run %s ready", me, rt.run_id)
         finished = False
+        books = SiteTraffic()
         while not stop() and not (until_finished and finished):
             received = link.get(timeout=0.1)
             out: list[Out] = []
@@ -105,9 +131,15 @@ def run_worker(settings: CoordinatorSettings, worker_id: str, stop=lambda: False
                 except (ProtocolError, CodecError) as e:
                     log.warning("worker %s: dropped a message on %s: %s", me,
                                 received.topic.channel, e)
+            if received is not None and received.topic.channel == "step":
+                books.count(received.topic.agent, received.envelope, received.size)
             out += worker.tick()
             for topic, env in out:
-                link.publish(topic, env)
+                if env.kind is MessageKind.ADAPTER_UP:  # a site's copy: with its round's traffic
+                    env.meta["traffic"] = books.take(env.agent_id)
+                    link.publish(topic, env)
+                else:
+                    books.count(env.agent_id, env, link.publish(topic, env))
         return worker.served
     finally:
         link.stop()

@@ -30,7 +30,10 @@ def test_two_workers_three_agents_equal_the_per_site_simulation(tmp_path, mosqui
     # every site's copy came from a worker, each round; no step went to the coordinator
     assert sum(w.copies for w in status.workers.values()) == 2 * len(SITES)
     assert set(status.workers) <= {"w0", "w1"}
-    assert "activation_up" not in status.traffic
+    # no step went to the coordinator, yet its status counts them, as the workers saw them
+    assert status.traffic["activation_up"].messages >= 2 * 3 * len(SITES)
+    assert status.traffic["gradient_down"].messages >= 2 * 3 * len(SITES)
+    assert all(status.agents[s].traffic["activation_up"].bytes > 0 for s in SITES)
     assert_matches_simulation(fed)
     assert_on_the_ledger(fed, rounds=2)
     served = [int(p.read_text().split("worker served ")[1].split()[0])
@@ -75,3 +78,17 @@ def served_sites(fed, name: str) -> set[str]:
     log = fed.workdir / "logs" / f"{name}.log"
     return {line.split(" serves ")[1].split()[0] for line in log.read_text().splitlines()
             if " serves " in line} if log.exists() else set()
+
+
+@pytest.mark.slow
+def test_up_with_workers_runs_a_per_site_federation(tmp_path, capsys):
+    from fsl_edge.cli.app import main
+    from fsl_edge.icd10_data import build_icd10
+
+    build_icd10(tmp_path / "data", chapters=SITES[:2], per_site=8, heldout=2)
+    assert main(["up", "--model", "tiny-random-llama", "--rounds", "1", "--steps", "2",
+                 "--agents", "2", "--workers", "2", "--eval-samples", "2",
+                 "--data", str(tmp_path / "data"), "--workdir", str(tmp_path / "up")]) == 0
+    assert "2 split-server workers" in capsys.readouterr().out
+    served = "".join(p.read_text() for p in (tmp_path / "up" / "logs").glob("worker-*.log"))
+    assert served.count(" serves ") >= 2
