@@ -104,6 +104,9 @@ class Run:
     prefix_store: dict[str, int] = field(default_factory=dict)
     planner: Any = None
     """What the run's planner chose, as the run recorded it (None: no planner)."""
+    workers: dict[str, tuple[int, list[str]]] = field(default_factory=dict)
+    """Split-server workers (split.server per-site): id -> (sites' copies sent, the sites of
+    its last round)."""
     ledger: LedgerSummary | None = None
     settings: dict[str, Any] = field(default_factory=dict)
     """The training settings (LearningSettings as JSON), where the folder holds them."""

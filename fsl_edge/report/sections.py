@@ -162,10 +162,15 @@ def layers(run: Run) -> str:
 
 
 def planner(run: Run) -> str:
+    """The planner's choices, and who served the trunk (the split-server workers)."""
+    workers = ("<h3>Split-server workers</h3>" + table(
+        ["worker", "sites' trunk copies", "sites of its last round"],
+        [(w, n, ", ".join(sites) or DASH) for w, (n, sites) in sorted(run.workers.items())],
+        numeric_from=1)) if run.workers else ""
     if run.planner is None:
-        return section("planner", "Planner", note("The planner was not used in this run."))
+        return section("planner", "Planner", note("The planner was not used in this run."), workers)
     return section("planner", "Planner", "<p>What the planner chose, as the run recorded it:</p>",
-                   data(run.planner))
+                   data(run.planner), workers)
 
 
 def ledger(run: Run) -> str:

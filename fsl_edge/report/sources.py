@@ -68,7 +68,8 @@ def _from_coordinator(folder: Path, public_key: Path | None) -> Run:
               status.rounds, [_round(r) for r in status.history],
               traffic=_flows(status.traffic), rejected_messages=dict(status.rejected),
               trunk_layers=list(status.layers), prefix_store=dict(status.prefix_store),
-              planner=raw.get("planner", state.get("planner")))
+              planner=raw.get("planner", state.get("planner")),
+              workers={w: (s.copies, list(s.sites)) for w, s in status.workers.items()})
     run.sites = {name: Site(name, a.state, a.tokens, a.loss, None if a.loss is None else a.round,
                             dict(a.cache), list(a.layers), a.prefix_backend)
                  for name, a in status.agents.items()}

@@ -97,6 +97,17 @@ def test_a_planner_in_the_status_is_shown_as_a_table(tmp_path):
     assert re.search(r"<td>site-b</td>.*balanced", planner) and "bottleneck" in planner
 
 
+def test_split_server_workers_are_shown_with_the_sites_they_served(tmp_path):
+    workers = {"w0": {"last_seen": 1.0, "copies": 4, "sites": ["site-a"]},
+               "w1": {"last_seen": 1.0, "copies": 2, "sites": []}}
+    html = render_report(coordinator_folder(tmp_path, workers=workers))
+    planner = html[html.index('<section id="planner">'):html.index('<section id="ledger">')]
+    assert "Split-server workers" in planner and "not used" in planner
+    assert re.search(r"<td>w0</td>.*4.*site-a", planner)
+    plain = render_report(coordinator_folder(tmp_path / "plain"))
+    assert "Split-server workers" not in plain
+
+
 def adapter(seed: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return {"layers.0.lora_A.weight": torch.randn(2, 4, generator=g)}
