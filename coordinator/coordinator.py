@@ -286,7 +286,16 @@ class Coordinator:
             for topic, reply in self.workers.on_message(worker, env, self.members if self.active else set()):
                 self.link.publish(topic, reply)
         except (ProtocolError, CodecError) as e:
-            self.reject("malformed", worker, str(e))
+            if "non-finite" not in str(e):
+                return self.reject("malformed", worker, str(e))
+            # a site's trunk copy diverged: the round goes on without the site (its update
+            # with it), as for a non-finite upload
+            site = env.agent_id
+            self.reject("non_finite", worker, f"{site}'s trunk copy: {e}")
+            if site in self.members:
+                self.members.discard(site)
+                self.uploads.pop(site, None)
+                self.ledger.append_rejected(self.round, site, "non-finite trunk copy")
         self.status.workers = self.workers.workers
 
     def on_step(self, agent: str, env: Envelope) -> None:
@@ -343,6 +352,16 @@ class Coordinator:
         record(self.status.planner, agent, time.monotonic() - self.round_started,
                self.settings.training.train.steps)
         record_link(self.status.planner, agent, env.meta.get("link"))
+
+    def close_copies(self, names: list[str], accepted: list[str]) -> None:
+        """SplitFed-V1: the round's trunk is the average of the copies of the sites whose
+        update was accepted; every site's steps are counted as its worker saw them."""
+        for agent in names:
+            for kind, (n, size, raw) in self.workers.traffic.get(agent, {}).items():
+                for book in (self.status.traffic, self.round_traffic, self.status.agents[agent].traffic):
+                    book.setdefault(kind, Traffic()).add(size, raw, n)
+        self.trunk.load_adapter(self.workers.close({a: self.uploads[a].tokens for a in accepted}))
+        self.status.workers = self.workers.workers
 
     def gone(self, agent: str, why: str) -> None:
         """Take an agent that has been silent too long out of the running round."""
@@ -457,14 +476,6 @@ class Coordinator:
         if self.workers is not None and self.workers.missing(set(self.uploads)):
             return
         names = sorted(self.uploads)
-        if self.workers is not None:  # SplitFed-V1: the round's trunk is the copies' average
-            for agent in names:  # the steps went through the workers: counted as they saw them
-                for kind, (n, size, raw) in self.workers.traffic.get(agent, {}).items():
-                    for book in (self.status.traffic, self.round_traffic,
-                                 self.status.agents[agent].traffic):
-                        book.setdefault(kind, Traffic()).add(size, raw, n)
-            self.trunk.load_adapter(self.workers.close({a: self.uploads[a].tokens for a in names}))
-            self.status.workers = self.workers.workers
         robust = self.settings.training.robust
         if self.fleet.hetero:  # per-layer FedAvg across cuts and ranks (check_hetero: no screens)
             self.site_adapter = self.fleet.close(
@@ -486,6 +497,8 @@ class Coordinator:
             log.warning("%s is quarantined: its updates failed the checks %d rounds in a row",
                         agent, robust.quarantine_after)
         accepted = [a for a in names if verdicts[a].status != "rejected"]
+        if self.workers is not None:
+            self.close_copies(names, accepted)
         self.ledger.append_round(self.round, {a: (self.uploads[a].tokens, self.uploads[a].state)
                                               for a in accepted},
                                  self.site_adapter, self.trunk.adapter(), rejected=rejected)

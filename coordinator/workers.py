@@ -48,11 +48,14 @@ class TrunkWorkers:
     def on_message(self, worker: str, env: Envelope, members: set[str]) -> list[Out]:
         """A worker's HELLO (answered with the running round's trunk) or a site's copy."""
         if worker not in self.workers and len(self.workers) >= MAX_WORKERS:
-            raise ProtocolError(f"more than {MAX_WORKERS} workers")
+            # pods come and go under new names: the one heard from longest ago makes room
+            del self.workers[min(self.workers, key=lambda w: self.workers[w].last_seen or 0.0)]
         st = self.workers.setdefault(worker, WorkerStatus())
         st.last_seen = time.time()
-        if env.kind is MessageKind.HELLO:
-            return [] if self.trunk is None else [(protocol.topic_trunk(self.run), self.trunk)]
+        if env.kind is MessageKind.HELLO:  # it lacks this round's trunk (or says which it holds)
+            if self.trunk is None or env.meta.get("attempt") == self.attempt:
+                return []
+            return [(protocol.topic_trunk(self.run), self.trunk)]
         if env.kind is not MessageKind.ADAPTER_UP:
             raise ProtocolError(f"{env.kind.name} is not a worker's message")
         site = env.agent_id
@@ -66,6 +69,9 @@ class TrunkWorkers:
     def missing(self, sites: set[str]) -> set[str]:
         return sites - set(self.copies)
 
+    def drop(self, site: str) -> None:
+        self.copies.pop(site, None)
+
     def close(self, tokens: dict[str, int]) -> State:
         """The round's trunk from the copies of the sites in `tokens` (their weights)."""
         served: dict[str, list[str]] = {}
@@ -75,6 +81,8 @@ class TrunkWorkers:
             st = self.workers[worker]
             st.copies, st.sites = st.copies + len(sites), sorted(sites)
         self.trunk = None
+        if not tokens:  # every update was rejected: the trunk stays as it was
+            return self.base
         return average({s: self.copies[s][1] for s in tokens}, tokens)
 
 

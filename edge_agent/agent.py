@@ -183,7 +183,9 @@ class Agent:
         timing = meta.get("timing")
         if not isinstance(timing, dict):
             return self.timing  # an older coordinator: keep our own
-        return {k: meta_number(timing, k, float, minimum=0.05) for k in self.timing}
+        # a key it does not send (an older coordinator): keep our own
+        return {k: meta_number(timing, k, float, minimum=0.05) if k in timing else v
+                for k, v in self.timing.items()}
 
     def hello(self, resync: bool = False) -> Envelope:
         # ready: it has built its part (or, planned, measured itself); until then it is welcomed

@@ -184,8 +184,6 @@ def simulate(model: torch.nn.Module, sites: Sequence[SiteData], settings: Learni
                 tokens[site.name] += result.tokens
                 for kind, n in result.bytes.items():
                     sent[kind] += n
-        if copies:
-            server.load_adapter(average_copies({s.name: copies.state(s.name) for s in sites}, tokens))
         deltas = []
         for part, uplink, b in zip(parts, uplinks, bases):
             send, decoded = uplink.delta(part.adapter(), b)
@@ -200,8 +198,12 @@ def simulate(model: torch.nn.Module, sites: Sequence[SiteData], settings: Learni
             for s, part in zip(sites, parts):
                 part.load_adapter(back[s.name])
         else:
-            site_adapter, _ = aggregate_round(site_adapter, deltas, [tokens[s.name] for s in sites],
-                                              settings.robust, train.server_lr)
+            site_adapter, outcome = aggregate_round(site_adapter, deltas, [tokens[s.name] for s in sites],
+                                                    settings.robust, train.server_lr)
+            if copies:  # the trunk: the copies of the sites whose update was accepted
+                kept = [s.name for s, v in zip(sites, outcome.verdicts) if v.status != "rejected"]
+                copies.end_round(average_copies({n: copies.state(n) for n in kept},
+                                                {n: tokens[n] for n in kept}) if kept else copies.base_state())
         history.append(evaluate_round(r, losses, tokens, sent, started))
     meta = {"cut": cut.model_dump(mode="json"), "sites": [s.name for s in sites]}
     if hetero:

@@ -103,7 +103,7 @@ class MqttLink:
                  will: tuple[str, bytes] | None = None, online: tuple[str, bytes] | None = None,
                  max_packet: int = DEFAULT_MAX_PACKET, limits: protocol.Limits = protocol.Limits(),
                  bounds: Bounds = Bounds(), login: BrokerLogin = BrokerLogin(),
-                 authenticator: auth.Authenticator | None = None):
+                 authenticator: auth.Authenticator | None = None, persistent: bool = True):
         self.host, self.port = parse_broker_url(url)
         self.auth = authenticator
         self.refused: str | None = None  # why the broker last refused us, for the error
@@ -125,9 +125,10 @@ class MqttLink:
         self._lock = threading.Lock()  # publish order
         self._count_lock = threading.Lock()  # drop counts, written by paho's thread
         # persistent session (clean_session=False): QoS-1 messages queued while we were away
-        # are delivered on reconnect
+        # are delivered on reconnect. A split-server worker's is clean: a worker gone for good
+        # must not stay in the shared subscription, queueing the steps the broker deals it
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
-                                  clean_session=False, protocol=mqtt.MQTTv311)
+                                  clean_session=not persistent, protocol=mqtt.MQTTv311)
         self.client.reconnect_delay_set(min_delay=0.2, max_delay=5)
         if url.startswith("mqtts://"):
             # the broker's certificate must chain to the CA (the system's when none is given)

@@ -7,10 +7,9 @@ only on that site's batches: a worker may serve any set of sites, in any order, 
 is the same; which is what lets several split-server workers share the sites (split_worker).
 The simulation and the workers switch copies with this one class, so they compute the same.
 
-The copies share the model's LoRA parameters: a copy is loaded into them before its site's step
-and taken out when another site's step comes. A u-shape step holds the trunk's graph from its
-forward to its backward, so nothing else may switch copies in between (the workers serve one
-step at a time).
+Each copy is its own set of LoRA parameters, swapped into the model for its site's step, so a
+worker can serve another site while a u-shape step waits for its gradient: the waiting step's
+graph keeps the parameters it was built with.
 """
 
 from __future__ import annotations
@@ -43,57 +42,74 @@ def check_per_site(settings: LearningSettings) -> None:
 
 @dataclass
 class _Copy:
-    state: State
+    params: list[torch.nn.Parameter]  # in the order of TrunkCopies.slots
     optimizer: torch.optim.Optimizer
 
 
 class TrunkCopies:
+    """The copies of one ServerPart's LoRA weights. Each copy is its own set of Parameter
+    objects, put in the LoRA modules' place for its site's step (an attribute swap, nothing is
+    written in place): a u-shape step's graph keeps the copy it was built with, so another
+    site's step may run while the first waits for its gradient."""
+
     def __init__(self, part: ServerPart):
         self.part = part
-        self.params = [p for g in part.optimizer.param_groups for p in g["params"]]
+        # every trainable LoRA weight of the trunk: (the module holding it, its attribute)
+        self.slots = [(part.model.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2])
+                      for name, p in part.model.named_parameters() if "lora_" in name and p.requires_grad]
+        self.template = [getattr(m, a) for m, a in self.slots]  # holds the round's trunk
         # the part's own optimizer, remade per copy (its defaults, as its constructor takes them)
         kind = type(part.optimizer)
         accepted = inspect.signature(kind).parameters
-        self.new_optimizer = lambda: kind(self.params, **{k: v for k, v in part.optimizer.defaults.items()
-                                                          if k in accepted})
-        self.base: State = part.adapter()
+        self.new_optimizer = lambda params: kind(params, **{
+            k: v for k, v in part.optimizer.defaults.items() if k in accepted})
         self.copies: dict[str, _Copy] = {}
         self.current: str | None = None
 
     def begin_round(self, base: State) -> None:
         """Every copy starts again from `base`, the round's trunk."""
-        self.base = {k: v.detach().clone() for k, v in base.items()}
+        self.end_round(base)
         self.copies.clear()
-        self.current = None
-        self.part.load_adapter(self.base)
+
+    def end_round(self, trunk: State) -> None:
+        """The part holds `trunk` (the copies' average), in no copy's place."""
+        self._install(self.template, None)
+        self.part.load_adapter(trunk)
 
     def use(self, site: str) -> None:
-        """Load `site`'s copy (a new one from the round's trunk if it has none) for its step."""
+        """Put `site`'s copy (a new one from the round's trunk if it has none) in place, with its
+        optimizer, for its step."""
         if self.current == site:
             return
-        self._put_back()
         copy = self.copies.get(site)
         if copy is None:
-            copy = self.copies[site] = _Copy(self.base, self.new_optimizer())
-        self.part.load_adapter(copy.state)
-        self.part.optimizer = copy.optimizer
+            params = [torch.nn.Parameter(t.detach().clone()) for t in self.template]
+            copy = self.copies[site] = _Copy(params, self.new_optimizer(params))
+        self._install(copy.params, copy.optimizer)
         self.current = site
+
+    def base_state(self) -> State:
+        """The round's trunk, as the copies started from it (the template never trains)."""
+        self._install(self.template, None)
+        return self.part.adapter()
 
     def restart(self, site: str) -> None:
         """Drop `site`'s copy: its next step starts a new one from the round's trunk."""
         if self.current == site:
-            self.current = None
+            self._install(self.template, None)
         self.copies.pop(site, None)
 
     def state(self, site: str) -> State:
         """`site`'s copy as it stands."""
-        self._put_back()
-        return self.copies[site].state
+        self.use(site)
+        return self.part.adapter()
 
-    def _put_back(self) -> None:
-        if self.current is not None:
-            self.copies[self.current].state = self.part.adapter()
-            self.current = None
+    def _install(self, params: list[torch.nn.Parameter], optimizer) -> None:
+        for (module, attr), p in zip(self.slots, params):
+            setattr(module, attr, p)
+        if optimizer is not None:
+            self.part.optimizer = optimizer
+        self.current = None
 
 
 def average(copies: Mapping[str, State], tokens: Mapping[str, int]) -> State:

@@ -95,6 +95,10 @@ class SiteTraffic:
     def take(self, site: str) -> dict[str, list[int]]:
         return self.books.pop(site, {})
 
+    def keep(self, sites) -> None:
+        """Forget every site but `sites` (a new round: counts of unfinished ones are stale)."""
+        self.books = {s: b for s, b in self.books.items() if s in sites}
+
 
 def run_worker(settings: CoordinatorSettings, worker_id: str, stop=lambda: False,
                until_finished: bool = False) -> int:
@@ -106,15 +110,17 @@ def run_worker(settings: CoordinatorSettings, worker_id: str, stop=lambda: False
                     [protocol.topic_shared_steps(rt.run_id, share_group()), protocol.topic_worker_steps(rt.run_id, me),
                      protocol.topic_trunk(rt.run_id), protocol.topic_broadcast(rt.run_id)],
                     max_packet=rt.max_packet, bounds=rt.bounds, login=BrokerLogin.from_env(),
-                    authenticator=authenticator)
+                    authenticator=authenticator, persistent=False)
     model = load(settings.model, device=settings.device,
                  quantize=settings.training.lora.quantize).model
     training = settings.training
     cut = training.split.cut(discover(model).n_blocks)
     training.check_prefix(cut)
     part = ServerPart(model, cut, training.lora, training.train.lr, **party_options(training))
+    # a step in flight no longer holds anyone up (the others are served meanwhile): it is
+    # given up only to free an orphan's graph, well after its site would have given up itself
     worker = Worker(part, rt.run_id, me, StepCodec(training.compression.pipelines()),
-                    give_up_s=rt.offline_after_s)
+                    give_up_s=2 * rt.worker_lost_s)
     link.start()
     try:
         link.publish(*worker.hello())
@@ -131,6 +137,11 @@ def run_worker(settings: CoordinatorSettings, worker_id: str, stop=lambda: False
                 except (ProtocolError, CodecError) as e:
                     log.warning("worker %s: dropped a message on %s: %s", me,
                                 received.topic.channel, e)
+                except Exception:  # noqa: BLE001 - one site's bad step must not end the worker
+                    log.exception("worker %s: internal error on a message of %s", me,
+                                  received.topic.agent)
+                if received.topic.channel == "trunk":
+                    books.keep(worker.copies.copies)  # sites of rounds gone: their counts go
             if received is not None and received.topic.channel == "step":
                 books.count(received.topic.agent, received.envelope, received.size)
             out += worker.tick()

@@ -6,10 +6,10 @@ worker serves the site for the rest of the round, keeping the site's trunk copy
 averages the copies by tokens. The trunk of the round comes from the coordinator (topic_trunk);
 requests that arrive before it wait.
 
-One step at a time: a u-shape step keeps the trunk's graph from its forward to its backward,
-so other sites' activations wait until the gradient comes. A gradient that never comes (the
-agent went away, or took another worker's answer to a resent first step) is given up after
-`give_up_s`, so it holds up the others once, not for ever.
+While a u-shape step waits for its site's gradient (the site runs its back blocks and head),
+the worker serves the other sites: each copy is its own set of parameters, and the waiting
+step's graph keeps its own. A gradient that never comes (the agent went away, or took another
+worker's answer to a resent first step) is given up after `give_up_s`, freeing its graph.
 
 Replies are kept, one per site, so a resent request gets the same answer and is applied once.
 """
@@ -44,17 +44,20 @@ class Worker:
         self.give_up_s = give_up_s
         self.round, self.attempt, self.steps = -1, None, 0  # the trunk held
         self.waiting: deque[tuple[str, Envelope]] = deque()
-        self.awaiting: tuple[str, int] | None = None  # u-shape: (site, step) whose gradient is due
-        self.awaiting_since = 0.0
+        self.pending: dict[str, tuple[int, float]] = {}  # u-shape: site -> (step, since) whose
+        # gradient is due
         self.steps_done: dict[str, int] = {}
-        self.replies: dict[str, tuple[MessageKind, int, Envelope]] = {}  # site -> its last
+        # site -> its last request's (kind, step) and what answered it (after its last step,
+        # its copy for the coordinator too): a resend gets it all again
+        self.replies: dict[str, tuple[MessageKind, int, list[Out]]] = {}
         self.served = 0  # steps served, all rounds
         self.asked = -1e9  # when it last asked for the trunk
 
     def hello(self) -> Out:
         """Say it is there: the coordinator answers with the running round's trunk."""
         return (protocol.topic_worker_up(self.run, self.id),
-                Envelope(MessageKind.HELLO, self.run, self.id, max(self.round, 0)))
+                Envelope(MessageKind.HELLO, self.run, self.id, max(self.round, 0),
+                         meta={"attempt": self.attempt}))
 
     # --- from the coordinator ---
     def on_trunk(self, env: Envelope) -> list[Out]:
@@ -66,7 +69,8 @@ class Worker:
         steps = env.meta.get("steps")
         if not isinstance(steps, int) or steps < 1:
             raise ProtocolError(f"the trunk of round {env.round} names no steps: {steps!r}")
-        self._forget_step()
+        for site in list(self.pending):
+            self._forget(site)
         # requests of an attempt given up wait for nothing: drop them
         self.waiting = deque((s, e) for s, e in self.waiting
                              if e.meta.get("attempt") == attempt or e.round > env.round)
@@ -88,21 +92,22 @@ class Worker:
             raise ProtocolError(f"{env.kind.name} is not a split-server request")
         kept = self.replies.get(site)
         if kept and kept[:2] == (env.kind, env.step) and env.meta.get("attempt") == self.attempt:
-            return [(protocol.topic_down(self.run, site), kept[2])]  # a resend: same answer
-        if env.meta.get("attempt") != self.attempt or self.awaiting not in (None, (site, env.step)):
+            return list(kept[2])  # a resend: the same answer
+        if env.meta.get("attempt") != self.attempt:
             return self._wait(site, env)
         return self._serve(site, env)
 
     def tick(self) -> list[Out]:
-        """Give up a gradient that is overdue; serve what waited behind it."""
-        if self.awaiting and time.monotonic() - self.awaiting_since > self.give_up_s:
-            site, step = self.awaiting
-            log.warning("worker %s: no gradient from %s for step %d in %.0f s; serving the others",
-                        self.id, site, step, self.give_up_s)
-            self._forget_step()
-            self.copies.restart(site)  # half a step applied to nothing: its copy starts over
-            self.steps_done.pop(site, None)
-            return self._serve_waiting()
+        """Give up the gradients that are overdue (their graphs are freed)."""
+        now = time.monotonic()
+        for site, (step, since) in list(self.pending.items()):
+            if now - since > self.give_up_s:
+                log.warning("worker %s: no gradient from %s for step %d in %.0f s; given up",
+                            self.id, site, step, self.give_up_s)
+                self._forget(site)
+                self.copies.restart(site)  # half a step applied to nothing: its copy starts over
+                self.steps_done.pop(site, None)
+                self.replies.pop(site, None)
         return []
 
     def _wait(self, site: str, env: Envelope) -> list[Out]:
@@ -111,8 +116,8 @@ class Worker:
         if len(self.waiting) >= MAX_WAITING:
             raise ProtocolError(f"worker {self.id} holds {MAX_WAITING} waiting requests")
         self.waiting.append((site, env))
-        if env.meta.get("attempt") == self.attempt or time.monotonic() - self.asked < 1.0:
-            return []  # behind a step in flight; or the trunk was just asked for
+        if time.monotonic() - self.asked < 1.0:
+            return []  # the trunk was just asked for
         # a round (or a repeat of one) whose trunk this worker lacks: on its way, or missed
         self.asked = time.monotonic()
         return [self.hello()]
@@ -127,7 +132,7 @@ class Worker:
                 before = len(self.waiting)
                 try:
                     got = self._handle(site, env)
-                except ProtocolError as e:
+                except Exception as e:  # noqa: BLE001 - one bad request must not cost the others
                     log.warning("worker %s: dropped a request of %s: %s", self.id, site, e)
                     got = []
                 if len(self.waiting) == before:  # not put back: served or dropped
@@ -138,14 +143,16 @@ class Worker:
     def _serve(self, site: str, env: Envelope) -> list[Out]:
         message = step_message(env, protocol.Limits().max_tensor_bytes)
         if env.kind is MessageKind.GRADIENT_UP:
-            if self.awaiting != (site, env.step):
+            if self.pending.get(site, (None,))[0] != env.step:
                 raise ProtocolError(f"gradient for step {env.step} from {site} was not expected")
             self.copies.use(site)
             down = self.part.backward((env.step, site), message)
+            del self.pending[site]
             return self._stepped(site, env, down)
         done = self.steps_done.get(site, 0)
-        if env.step == 0 and done > 0:
+        if env.step == 0 and (done > 0 or site in self.pending):
             # it started its round over (a restart): so does its copy
+            self._forget(site)
             self.copies.restart(site)
             done = 0
         if env.step != done:
@@ -153,6 +160,9 @@ class Worker:
         if done == 0:
             log.info("worker %s serves %s in round %d", self.id, site, env.round)
         message.validate(self.part.parts.hidden_size)
+        # every trunk block trains in every epoch here (per-site needs selection 'all'), so a
+        # site's epoch is taken as it says: a worker new to the site has not seen its last one
+        self.part.site_epochs[site] = max(self.part.site_epochs.get(site, 0), message.epoch)
         self.copies.use(site)
         self.steps_done[site] = done
         try:
@@ -167,13 +177,12 @@ class Worker:
                                           meta={"need_hidden": True})))]
         if self.part.cut.mode is SplitMode.VANILLA:
             return self._stepped(site, env, out)
-        self.awaiting, self.awaiting_since = (site, env.step), time.monotonic()
+        self.pending[site] = (env.step, time.monotonic())
         return [self._reply(site, env, out)]
 
     def _stepped(self, site: str, env: Envelope, down) -> list[Out]:
         """The step's trunk update is done: reply, and after the last step send the copy."""
         self.part.step()
-        self.awaiting = None
         self.steps_done[site] = env.step + 1
         self.served += 1
         out = [self._reply(site, env, down)]
@@ -183,19 +192,20 @@ class Worker:
                                     {"attempt": self.attempt, "worker": self.id,
                                      "steps": self.steps})
             out.append((protocol.topic_worker_up(self.run, self.id), copy))
+            self.replies[site] = (env.kind, env.step, out)
         return out
 
     def _reply(self, site: str, env: Envelope, message) -> Out:
         reply = self._stamp(step_envelope(message, Address(self.run, site, env.round, env.step),
                                           self.codec))
-        self.replies[site] = (env.kind, env.step, reply)
+        self.replies[site] = (env.kind, env.step, [(protocol.topic_down(self.run, site), reply)])
         return protocol.topic_down(self.run, site), reply
 
     def _stamp(self, env: Envelope) -> Envelope:
         env.meta["worker"] = self.id  # the agent sends the rest of its round here
         return env
 
-    def _forget_step(self) -> None:
-        if self.awaiting:
-            self.part.drop_pending((self.awaiting[1], self.awaiting[0]))
-        self.awaiting = None
+    def _forget(self, site: str) -> None:
+        """Free `site`'s step in flight, if it has one."""
+        if site in self.pending:
+            self.part.drop_pending((self.pending.pop(site)[0], site))

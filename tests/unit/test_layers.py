@@ -12,11 +12,15 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = {"fsl_edge": ROOT / "fsl_edge", "fsl_edge.cli": ROOT / "cli",
-            "fsl_edge.coordinator": ROOT / "coordinator", "fsl_edge.edge_agent": ROOT / "edge_agent"}
+            "fsl_edge.coordinator": ROOT / "coordinator", "fsl_edge.edge_agent": ROOT / "edge_agent",
+            "fsl_edge.split_worker": ROOT / "split_worker"}
+# A split-server worker is the coordinator's trunk scaled out: it reads the coordinator's
+# settings (the same config file), never the other way round.
 FORBIDDEN = {
-    "fsl_edge": ("fsl_edge.cli", "fsl_edge.coordinator", "fsl_edge.edge_agent"),
-    "fsl_edge.coordinator": ("fsl_edge.edge_agent", "fsl_edge.cli"),
-    "fsl_edge.edge_agent": ("fsl_edge.coordinator", "fsl_edge.cli"),
+    "fsl_edge": ("fsl_edge.cli", "fsl_edge.coordinator", "fsl_edge.edge_agent", "fsl_edge.split_worker"),
+    "fsl_edge.coordinator": ("fsl_edge.edge_agent", "fsl_edge.cli", "fsl_edge.split_worker"),
+    "fsl_edge.edge_agent": ("fsl_edge.coordinator", "fsl_edge.cli", "fsl_edge.split_worker"),
+    "fsl_edge.split_worker": ("fsl_edge.edge_agent", "fsl_edge.cli"),
 }
 
 

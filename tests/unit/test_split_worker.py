@@ -18,7 +18,7 @@ from fsl_edge.split_worker.worker import Worker
 from fsl_edge.status import Status
 from fsl_edge.step import ServerPart, SitePart, party_options
 from fsl_edge.tiny import tiny_model, tiny_tokenizer
-from fsl_edge.wire import Address, step_envelope
+from fsl_edge.wire import Address, step_envelope, step_message
 
 S = LearningSettings(split=SplitSettings(server=ServerCopies.PER_SITE), lora=LoraSettings(rank=4),
                      train=TrainSettings(steps=2, batch_size=2, max_len=16))
@@ -40,26 +40,36 @@ def activation(site, batch, name, step, attempt="x-1"):
     return env
 
 
-def test_a_worker_waits_for_the_trunk_serves_one_step_at_a_time_and_gives_up_a_lost_gradient():
+def test_a_worker_waits_for_the_trunk_serves_others_while_a_gradient_is_due_and_gives_it_up():
     server, (a, b), stream = parts()
     coordinator = TrunkWorkers("r")
     topic, trunk = coordinator.begin(1, "x-1", steps=2, trunk=server.adapter())
     assert topic == protocol.topic_trunk("r")
-    worker = Worker(server, "r", "w0", StepCodec(S.compression.pipelines()), give_up_s=0.0)
+    worker = Worker(server, "r", "w0", StepCodec(S.compression.pipelines()), give_up_s=60.0)
     # before the trunk: the request waits and the worker asks for the trunk
     out = worker.on_request("ana", activation(a, next(stream), "ana", 0))
     assert [(t, e.kind) for t, e in out] == [(protocol.topic_worker_up("r", "w0"), MessageKind.HELLO)]
     out = worker.on_trunk(protocol.decode_envelope(protocol.encode_envelope(trunk)))
     assert [(t, e.kind, e.meta["worker"]) for t, e in out] == \
         [(protocol.topic_down("r", "ana"), MessageKind.ACTIVATION_DOWN, "w0")]
-    # ana's gradient is due: bo's activation waits behind it ...
-    assert worker.on_request("bo", activation(b, next(stream), "bo", 0)) == []
-    # ... until the gradient is given up (give_up_s=0 here): then bo is served
-    out = worker.tick()
+    # ana's gradient is due; bo is served meanwhile (its own copy, its own graph)
+    ana_down = step_message(out[0][1], 1 << 30)
+    bo_batch = next(stream)
+    out = worker.on_request("bo", activation(b, bo_batch, "bo", 0))
     assert [(t, e.kind) for t, e in out] == [(protocol.topic_down("r", "bo"), MessageKind.ACTIVATION_DOWN)]
     # a resent request gets the same answer, applied once
-    again = worker.on_request("bo", activation(b, next(stream), "bo", 0))
-    assert again[0][1] is out[0][1]
+    assert worker.on_request("bo", activation(b, bo_batch, "bo", 0))[0][1] is out[0][1]
+    # ana's gradient comes: its step completes on its copy
+    grad, _ = a.forward_back(ana_down)
+    env = step_envelope(grad, Address("r", "ana", 1, 0))
+    env.meta["attempt"] = "x-1"
+    out = worker.on_request("ana", env)
+    assert [(t, e.kind) for t, e in out] == [(protocol.topic_down("r", "ana"), MessageKind.GRADIENT_DOWN)]
+    assert worker.steps_done["ana"] == 1 and "bo" in worker.pending
+    # bo's gradient never comes: given up after give_up_s, its graph freed, its copy dropped
+    worker.give_up_s = 0.0
+    worker.tick()
+    assert not worker.pending and "bo" not in worker.copies.copies and server._pending == {}
 
 
 def test_the_coordinator_answers_a_workers_hello_takes_copies_of_members_only_and_averages():
@@ -70,6 +80,9 @@ def test_the_coordinator_answers_a_workers_hello_takes_copies_of_members_only_an
     _, trunk = tw.begin(3, "x-2", steps=2, trunk=base)
     assert tw.on_message("w1", Envelope(MessageKind.HELLO, "r", "w1"), set()) == \
         [(protocol.topic_trunk("r"), trunk)]
+    # a worker that says it holds this attempt's trunk is not sent it again
+    assert tw.on_message("w1", Envelope(MessageKind.HELLO, "r", "w1", meta={"attempt": "x-2"}),
+                         set()) == []
     from fsl_edge.wire import adapter_envelope
 
     def copy_of(site, scale, attempt="x-2"):
@@ -93,6 +106,9 @@ def test_the_coordinator_answers_a_workers_hello_takes_copies_of_members_only_an
     shown = console.export_text()
     assert "split-server workers" in shown and "w1" in shown and "bo" in shown
     assert workers_table(Status(run="r"), 0.0) is None
+    # a round whose every update was rejected keeps its trunk
+    tw.begin(4, "x-3", steps=2, trunk=base)
+    assert tw.close({}) is base
 
 
 def test_the_share_group_comes_from_the_environment_and_is_checked():

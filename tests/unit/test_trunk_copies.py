@@ -109,3 +109,39 @@ def test_average_weights_by_tokens_in_name_order():
 def test_per_site_refuses_what_it_does_not_do(extra, words):
     with pytest.raises(ConfigError, match=words):
         check_per_site(settings(**extra))
+
+
+def test_a_step_in_flight_keeps_its_copy_while_another_sites_step_runs():
+    # what a worker does while a u-shape step waits for its gradient: equal to one at a time
+    model, s = tiny_model("llama"), settings()
+    data = sites(2)
+    cut = s.split.cut(discover(model).n_blocks)
+
+    def run(interleaved: bool):
+        torch.manual_seed(0)
+        server = ServerPart(copy.deepcopy(model), cut, s.lora, s.train.lr, **party_options(s))
+        parts = [SitePart(copy.deepcopy(model), cut, s.lora, s.train.lr, **party_options(s))
+                 for _ in data]
+        streams = [BatchStream(d.train, 2, 7, PAD) for d in data]
+        copies = TrunkCopies(server)
+        copies.begin_round(server.adapter())
+        for step in range(2):
+            batches = [next(st) for st in streams]
+            order = [(0, 1), (1, 1), (0, 2), (1, 2)] if interleaved else \
+                [(0, 1), (0, 2), (1, 1), (1, 2)]  # (site, 1: forward / 2: backward)
+            outs = {}
+            for i, phase in order:
+                copies.use(data[i].name)
+                if phase == 1:
+                    outs[i] = server.forward((step, i), parts[i].forward_front(batches[i]), site=str(i))
+                else:
+                    grad, _ = parts[i].forward_back(outs[i])
+                    down = server.backward((step, i), grad)
+                    server.step()
+                    parts[i].backward_front(down)
+                    parts[i].step()
+        return {d.name: copies.state(d.name) for d in data}
+
+    a, b = run(False), run(True)
+    for name in a:
+        assert all(torch.equal(a[name][k], b[name][k]) for k in a[name])
