@@ -41,6 +41,7 @@ def test_two_workers_three_agents_equal_the_per_site_simulation(tmp_path, mosqui
     assert sum(served) == 2 * 3 * len(SITES), served
 
 
+@pytest.mark.slow
 def test_a_worker_killed_mid_round_its_sites_start_the_round_over_on_the_other(tmp_path, mosquitto_server):
     # what a scale-down of the workers' autoscaler does: the killed worker's sites notice its
     # silence (runtime.worker_lost_s), rewind their round and send its first step to the shared
