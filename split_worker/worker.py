@@ -33,7 +33,7 @@ from fsl_edge.wire import Address, adapter_envelope, adapter_state, step_envelop
 log = logging.getLogger("fsl_edge.split_worker")
 
 Out = tuple[str, Envelope]  # (topic, envelope) to publish
-MAX_WAITING = 4096  # requests held for a trunk that has not come, or behind a step in flight
+MAX_WAITING = 4096  # requests held for a trunk that has not come
 
 
 class Worker:
