@@ -11,7 +11,7 @@ and a projection of the site costs to Llama-3.2-1B and Llama-3.1-8B (bench/proje
 
     .venv/bin/python bench/quality.py              # 3 seeds; writes its section of BENCHMARKS.md
     .venv/bin/python bench/quality.py --seeds 0 --rounds 1 --steps 2 --no-write     # smoke run
-    .venv/bin/python bench/quality.py --resume     # a cut-off run: keeps the seeds it finished
+    .venv/bin/python bench/quality.py --resume     # a cut-off run: keeps the rows it finished
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from fsl_edge.models import load  # noqa: E402
 from fsl_edge.quality import heldout_samples  # noqa: E402
 from fsl_edge.sites import load_sites  # noqa: E402
 
-LOG = "quality-runs.jsonl"  # one line of options and site costs, then one line per seed
+LOG = "quality-runs.jsonl"  # one line of options and site costs, then one line per seed and row
 ROWS = ("central", "u-shape", "vanilla", "balanced", "alone", "flower")
 
 
@@ -76,7 +76,7 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--workdir", type=Path, default=ROOT / "runs" / "bench-quality")
     ap.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md")
     ap.add_argument("--resume", action="store_true",
-                    help="keep the site costs and the seeds a cut-off run with the same options "
+                    help="keep the site costs and the rows a cut-off run with the same options "
                          "finished (in --log)")
     ap.add_argument("--log", type=Path, default=None,
                     help="the run's log: options and site costs, then one line per seed "
@@ -120,8 +120,11 @@ def data_for(args, seed: int) -> Path:
     return data_dir
 
 
-def run_seed(args, loaded, seed: int, summaries: dict[str, RowSummary]) -> None:
-    """Every chosen row on seed `seed`'s own data split; adds the results to `summaries`."""
+def run_seed(args, loaded, seed: int, summaries: dict[str, RowSummary],
+             kept: dict[str, rows.RowRun]) -> None:
+    """Every chosen row on seed `seed`'s own data split; adds the results to `summaries`.
+    `kept`: the rows a cut-off run finished for this seed (not run again). Each row goes into
+    the log as soon as it is done."""
     data_dir = data_for(args, seed)
     pad = pad_id_of(loaded.tokenizer)
     sites = load_sites(data_dir, loaded.tokenizer, args.max_len)
@@ -131,25 +134,32 @@ def run_seed(args, loaded, seed: int, summaries: dict[str, RowSummary]) -> None:
     fsl = variants(args, base)
     n_blocks = ModelSpec.from_model(loaded.model).n_blocks
     model, spec = loaded.model, args.model
-    print(f"seed {seed}:", flush=True)
-    runs = {"base": score("base model (no training)", model, 0.0)}
+    print(f"seed {seed}:" + (f" (kept: {', '.join(kept)})" if kept else ""), flush=True)
+    runs: dict[str, rows.RowRun] = {}
+
+    def row(key: str, make) -> None:
+        runs[key] = kept[key] if key in kept else make()
+        if key not in kept:
+            with open(log_path(args), "a") as log:
+                log.write(json.dumps({"seed": seed, "key": key, "run": asdict(runs[key])}) + "\n")
+
+    row("base", lambda: score("base model (no training)", model, 0.0))
     if "central" in args.rows:
-        runs["central"] = rows.centralised(model, sites, base, pad, score)
+        row("central", lambda: rows.centralised(model, sites, base, pad, score))
     for key in ("u-shape", "vanilla", "balanced"):
         if key in args.rows:
-            runs[key] = rows.fsl_edge(model, spec, sites, fsl[key], pad, score,
-                                      row_name(key, fsl[key], n_blocks, args.site_ffa))
+            row(key, lambda key=key: rows.fsl_edge(model, spec, sites, fsl[key], pad, score,
+                                                   row_name(key, fsl[key], n_blocks, args.site_ffa)))
     if "alone" in args.rows:
         for site in sites:
-            runs[f"alone:{site.name}"] = rows.alone(model, site, base, pad, score)
+            row(f"alone:{site.name}", lambda site=site: rows.alone(model, site, base, pad, score))
     if "flower" in args.rows:
-        runs["flower"] = rows.flower(model, spec, data_dir, sites, base, args.threads, score)
+        row("flower", lambda: rows.flower(model, spec, data_dir, sites, base, args.threads, score))
     add_runs(summaries, runs)
-    with open(log_path(args), "a") as log:
-        log.write(json.dumps({"seed": seed, "rows": {k: asdict(r) for k, r in runs.items()}}) + "\n")
 
 
 def add_runs(summaries: dict[str, RowSummary], runs: dict[str, rows.RowRun]) -> None:
+    """Add one seed's rows to the summaries (a row's seeds in seed order)."""
     for key, run in runs.items():
         summaries.setdefault(key, RowSummary(run.name)).add(run.per, run.overall, run.exact,
                                                             run.seconds, run.by_kind)
@@ -166,26 +176,25 @@ def options(args) -> dict:
             if k not in skip}
 
 
-def start_log(args, loaded) -> tuple[dict[str, tuple[float, int]], dict[str, RowSummary], set]:
-    """The site costs, the summaries and the seeds done: resumed from the log, or new."""
+def start_log(args, loaded) -> tuple[dict[str, tuple[float, int]], dict[int, dict[str, rows.RowRun]]]:
+    """The site costs and the rows done per seed: resumed from the log, or new."""
     path = log_path(args)
-    summaries: dict[str, RowSummary] = {}
     if args.resume and path.exists():
         lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         if not lines or lines[0].get("options") != options(args):
             raise SystemExit(f"--resume: {path} was written with other options; run without "
                              f"--resume to start over")
-        done = set()
+        done: dict[int, dict[str, rows.RowRun]] = {}
         for line in lines[1:]:
-            add_runs(summaries, {k: rows.RowRun(**r) for k, r in line["rows"].items()})
-            done.add(line["seed"])
-        print(f"resumed: seeds {sorted(done)} from {path}", flush=True)
-        return {k: tuple(v) for k, v in lines[0]["costs"].items()}, summaries, done
+            done.setdefault(line["seed"], {})[line["key"]] = rows.RowRun(**line["run"])
+        print(f"resumed from {path}: " + "; ".join(f"seed {s}: {len(r)} rows"
+                                                   for s, r in sorted(done.items())), flush=True)
+        return {k: tuple(v) for k, v in lines[0]["costs"].items()}, done
     costs = site_costs(args, loaded)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps({"options": options(args), "costs": costs}) + "\n")
     tmp.replace(path)
-    return costs, summaries, set()
+    return costs, {}
 
 
 def site_costs(args, loaded) -> dict[str, tuple[float, int]]:
@@ -214,10 +223,10 @@ def main() -> None:
         require_flower()
     args.workdir.mkdir(parents=True, exist_ok=True)
     loaded = load(args.model)
-    costs, summaries, done = start_log(args, loaded)
+    costs, done = start_log(args, loaded)
+    summaries: dict[str, RowSummary] = {}
     for seed in args.seeds:
-        if seed not in done:
-            run_seed(args, loaded, seed, summaries)
+        run_seed(args, loaded, seed, summaries, done.get(seed, {}))
     for key, s in summaries.items():
         kind = "whole" if key == "flower" or key.startswith("alone:") else key
         s.cost = None if key in ("base", "central") else costs.get(kind)
