@@ -106,12 +106,14 @@ def admitted(code: mqtt.ReasonCode | str) -> bool:
 
 
 @contextlib.contextmanager
-def session(broker: Broker, user: str, password: str) -> Iterator[Session]:
+def session(broker: Broker, user: str, password: str, kind: type[Session] | None = None
+            ) -> Iterator[Session]:
+    """A logged-in client, wrapped as `kind` (default Session), disconnected afterwards."""
     client, code = connect(broker, user, password)
     assert admitted(code), f"{user} was refused: {code}"
     client.loop_start()
     try:
-        yield Session(client)
+        yield (kind or Session)(client)
     finally:
         client.disconnect()
         client.loop_stop()

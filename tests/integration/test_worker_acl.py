@@ -12,7 +12,6 @@ entry spelt with the `$share/fsl-split/` prefix delivers nothing.
 from __future__ import annotations
 
 import base64
-import contextlib
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +26,7 @@ from fsl_edge.deploy.secrets import plan_secrets
 from fsl_edge.enroll import mosquitto
 
 from .secure_broker import Broker, mosquitto_on
-from .test_enroll_broker import GRACE_S, Session, admitted, connect
+from .test_enroll_broker import GRACE_S, Session, session
 
 pytestmark = pytest.mark.integration
 RUN = "trial"
@@ -47,16 +46,8 @@ class Login(Session):
         client.on_subscribe = on_subscribe
 
 
-@contextlib.contextmanager
-def login(broker: Broker, user: str, password: str) -> Iterator[Login]:
-    client, code = connect(broker, user, password)
-    assert admitted(code), f"{user} was refused: {code}"
-    client.loop_start()
-    try:
-        yield Login(client)
-    finally:
-        client.disconnect()
-        client.loop_stop()
+def login(broker: Broker, user: str, password: str):
+    return session(broker, user, password, Login)
 
 
 def _stored(data: dict[str, bytes]) -> StoredSecret:

@@ -9,6 +9,7 @@ import torch
 from fsl_edge.aggregation import fedavg
 from fsl_edge.config import (LearningSettings, LoraSettings, Policy, SelectionSettings,
                              ServerCopies, SplitSettings, TrainSettings)
+from fsl_edge.planner_settings import Pin, PlannerSettings
 from fsl_edge.data import BatchStream, Sample, tokenize
 from fsl_edge.errors import ConfigError
 from fsl_edge.robust import aggregate_round
@@ -75,19 +76,24 @@ def test_per_site_differs_from_one_shared_trunk():
     assert any(not torch.equal(shared[k], per_site[k]) for k in shared)
 
 
-def test_switching_copies_in_any_order_gives_each_site_the_same_copy():
-    model, pad, s = tiny_model("llama"), PAD, settings()
-    data = sites(2)
+def fresh(model, s: LearningSettings, data):
+    """The same trunk, sites, batch order and copies each time it is called."""
     cut = s.split.cut(discover(model).n_blocks)
+    torch.manual_seed(0)
+    server = ServerPart(copy.deepcopy(model), cut, s.lora, s.train.lr, **party_options(s))
+    parts = [SitePart(copy.deepcopy(model), cut, s.lora, s.train.lr, **party_options(s)) for _ in data]
+    streams = [BatchStream(d.train, 2, 7, PAD) for d in data]
+    copies = TrunkCopies(server)
+    copies.begin_round(server.adapter())
+    return server, parts, streams, copies
+
+
+def test_switching_copies_in_any_order_gives_each_site_the_same_copy():
+    model, s = tiny_model("llama"), settings()
+    data = sites(2)
 
     def run(order):
-        torch.manual_seed(0)
-        server = ServerPart(copy.deepcopy(model), cut, s.lora, s.train.lr, **party_options(s))
-        parts = [SitePart(copy.deepcopy(model), cut, s.lora, s.train.lr, **party_options(s))
-                 for _ in data]
-        streams = [BatchStream(d.train, 2, 7, pad) for d in data]
-        copies = TrunkCopies(server)
-        copies.begin_round(server.adapter())
+        server, parts, streams, copies = fresh(model, s, data)
         for i in order:
             copies.use(data[i].name)
             split_step(parts[i], server, next(streams[i]), key=i)
@@ -105,6 +111,7 @@ def test_average_weights_by_tokens_in_name_order():
 
 @pytest.mark.parametrize("extra, words", [
     ({"selection": SelectionSettings(policy=Policy.RANDOM)}, "selection.policy"),
+    ({"planner": PlannerSettings(pins={"s0": Pin(front=1)})}, "one cut for every site"),
 ])
 def test_per_site_refuses_what_it_does_not_do(extra, words):
     with pytest.raises(ConfigError, match=words):
@@ -115,16 +122,9 @@ def test_a_step_in_flight_keeps_its_copy_while_another_sites_step_runs():
     # what a worker does while a u-shape step waits for its gradient: equal to one at a time
     model, s = tiny_model("llama"), settings()
     data = sites(2)
-    cut = s.split.cut(discover(model).n_blocks)
 
     def run(interleaved: bool):
-        torch.manual_seed(0)
-        server = ServerPart(copy.deepcopy(model), cut, s.lora, s.train.lr, **party_options(s))
-        parts = [SitePart(copy.deepcopy(model), cut, s.lora, s.train.lr, **party_options(s))
-                 for _ in data]
-        streams = [BatchStream(d.train, 2, 7, PAD) for d in data]
-        copies = TrunkCopies(server)
-        copies.begin_round(server.adapter())
+        server, parts, streams, copies = fresh(model, s, data)
         for step in range(2):
             batches = [next(st) for st in streams]
             order = [(0, 1), (1, 1), (0, 2), (1, 2)] if interleaved else \
